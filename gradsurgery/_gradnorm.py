@@ -1,0 +1,332 @@
+"""GradNorm (Chen et al. 2018): task weights that balance gradient norms at a shared layer."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._engine import accumulate_grads, as_parameter_list, graph_leaves, task_jacobian
+from ._validation import (
+    NonFiniteError,
+    check_losses,
+    check_nonfinite_policy,
+    check_num_tasks,
+    nonfinite_tasks,
+)
+
+_PARAMETRIZATIONS = ("softmax", "renormalize")
+
+
+@dataclass(frozen=True)
+class GradNormInfo:
+    """What one GradNorm update saw and did.
+
+    Attributes
+    ----------
+    weights : Tensor
+        ``[T]`` task weights after the update (those the weighted backward used).
+    grad_norms : Tensor
+        ``[T]`` raw norms ``||grad_W L_i||`` at the shared parameters ``W``.
+    weighted_grad_norms : Tensor
+        ``[T]`` ``G_i = w_i ||grad_W L_i||`` with the weights before the update.
+    targets : Tensor
+        ``[T]`` target norms ``mean(G) * (r_i / mean(r))^alpha``.
+    loss_ratios : Tensor
+        ``[T]`` ``r_i = L_i(t) / L_i(0)``.
+    gradnorm_loss : float
+        ``sum_i |G_i - target_i|`` before the update.
+    skipped : bool
+        ``True`` when the weights were not updated (a non-finite loss or gradient).
+    nonfinite_tasks : tuple of int
+        Tasks whose loss or gradient held NaN or Inf.
+    """
+
+    weights: Tensor
+    grad_norms: Tensor
+    weighted_grad_norms: Tensor
+    targets: Tensor
+    loss_ratios: Tensor
+    gradnorm_loss: float
+    skipped: bool = False
+    nonfinite_tasks: tuple[int, ...] = ()
+
+
+class GradNorm:
+    """GradNorm task weighting (Chen et al. 2018).
+
+    Learns one weight ``w_i`` per task so that the norms ``G_i = ||grad_W (w_i L_i)||`` of the
+    weighted task gradients at the shared parameters ``W`` move toward
+    ``mean(G) * (r_i / mean(r))^alpha``, where ``r_i = L_i(t) / L_i(0)`` is task ``i``'s
+    training rate: tasks that learn slower get larger gradients. The GradNorm loss
+    ``sum_i |G_i - target_i|`` moves only the task weights, with an Adam of its own; the
+    network is trained on ``sum_i w_i L_i`` by the user's optimizer.
+
+    Since ``G_i = w_i ||grad_W L_i||`` and the norm does not depend on ``w``, one backward per
+    task to ``W`` (no double backward) and one weighted backward (no second forward) suffice.
+
+    Parameters
+    ----------
+    num_tasks : int
+        ``T``.
+    shared_parameters : module or iterable of Tensor
+        ``W``: the shared layer whose gradient norms are balanced (the paper uses the last
+        shared layer).
+    alpha : float
+        Asymmetry (default 1.5); ``0`` balances the norms equally.
+    lr : float
+        Learning rate of the weights' Adam (default 0.01).
+    parametrization : {"softmax", "renormalize"}
+        ``"softmax"`` (default): ``w = T * softmax(log_w)``, always positive and summing to
+        ``T``. ``"renormalize"``: the paper's raw weights, clamped positive and rescaled to sum
+        to ``T`` after each step.
+    nonfinite : {"raise", "skip"}
+        What a NaN or Inf in a loss or gradient does: raise :class:`NonFiniteError` (default),
+        or skip the call (weights and ``.grad`` untouched), reported as ``info.skipped``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> _ = torch.manual_seed(0)
+    >>> body, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+    >>> optimizer = torch.optim.SGD([*body.parameters(), *heads.parameters()], lr=0.1)
+    >>> gn = gs.GradNorm(num_tasks=2, shared_parameters=body, alpha=1.5, lr=0.01)
+    >>> out = heads(torch.relu(body(torch.randn(16, 4))))
+    >>> losses = [out[:, 0].pow(2).mean(), (out[:, 1] - 1).pow(2).mean()]
+    >>> optimizer.zero_grad()
+    >>> info = gn.backward(losses)
+    >>> optimizer.step()
+    >>> round(float(gn.weights.sum()), 4)
+    2.0
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        shared_parameters: Iterable[Tensor] | torch.nn.Module,
+        *,
+        alpha: float = 1.5,
+        lr: float = 0.01,
+        parametrization: str = "softmax",
+        nonfinite: str = "raise",
+    ) -> None:
+        self.num_tasks = check_num_tasks(num_tasks)
+        self.shared_parameters = as_parameter_list(shared_parameters, "shared_parameters")
+        if parametrization not in _PARAMETRIZATIONS:
+            raise ValueError(
+                f"parametrization must be one of {_PARAMETRIZATIONS}, got {parametrization!r}"
+            )
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.parametrization = parametrization
+        self.nonfinite = check_nonfinite_policy(nonfinite)
+        initial = torch.zeros if parametrization == "softmax" else torch.ones
+        # The learned tensor: log-weights (softmax) or raw weights (renormalize). Three scalars,
+        # so float64 on the CPU costs nothing and keeps the weights exact across devices.
+        self._raw = initial(num_tasks, dtype=torch.float64).requires_grad_()
+        self.optimizer = torch.optim.Adam([self._raw], lr=lr)
+        self.initial_losses: Tensor | None = None
+
+    @property
+    def weights(self) -> Tensor:
+        """Current task weights, shape ``[T]``, positive and summing to ``T`` (detached)."""
+        return self._weights().detach()
+
+    def reset(self) -> None:
+        """Forget ``L_i(0)``: the next update takes its losses as the new initial losses."""
+        self.initial_losses = None
+
+    def update_weights(
+        self, losses: Sequence[Tensor], *, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> GradNormInfo:
+        """Update the task weights from ``losses``; the model's ``.grad`` is not touched.
+
+        The autograd graph of ``losses`` is kept, so the caller can still backward through it.
+
+        Parameters
+        ----------
+        losses : sequence of Tensor
+            One scalar loss per task.
+        grad_scaler : torch.amp.GradScaler, optional
+            Mixed precision: the gradient norms are taken on scaled losses and unscaled.
+
+        Returns
+        -------
+        GradNormInfo
+        """
+        return self._update(losses, grad_scaler, weighted_backward=False)
+
+    def backward(
+        self, losses: Sequence[Tensor], *, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> GradNormInfo:
+        """Update the task weights, then add ``sum_i w_i grad L_i`` to the parameters' ``.grad``.
+
+        The weights are those after the update. Equals the reference procedure (GradNorm step,
+        second forward pass, weighted backward) without the second forward pass. Like
+        ``loss.backward()`` it accumulates into ``.grad`` and frees the graph.
+
+        Parameters
+        ----------
+        losses : sequence of Tensor
+            One scalar loss per task.
+        grad_scaler : torch.amp.GradScaler, optional
+            Mixed precision: the weighted loss is scaled; a gradient overflow is left in
+            ``.grad`` (weights not updated) for ``grad_scaler.step`` to skip.
+
+        Returns
+        -------
+        GradNormInfo
+        """
+        return self._update(losses, grad_scaler, weighted_backward=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, ``L(0)`` and the weights' optimizer state."""
+        return {
+            "parametrization": self.parametrization,
+            "raw_weights": self._raw.detach().clone(),
+            "initial_losses": None if self.initial_losses is None else self.initial_losses.clone(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        if state_dict.get("parametrization") != self.parametrization:
+            raise ValueError(
+                f"state_dict is for parametrization {state_dict.get('parametrization')!r}, "
+                f"this GradNorm uses {self.parametrization!r}"
+            )
+        raw = state_dict["raw_weights"]
+        if raw.shape != self._raw.shape:
+            raise ValueError(
+                f"state_dict has {raw.numel()} task weights, expected {self.num_tasks}"
+            )
+        with torch.no_grad():
+            self._raw.copy_(raw)
+        initial = state_dict["initial_losses"]
+        self.initial_losses = None if initial is None else initial.clone()
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+    def __repr__(self) -> str:
+        weights = ", ".join(f"{w:.3f}" for w in self.weights.tolist())
+        return f"GradNorm(num_tasks={self.num_tasks}, alpha={self.alpha}, weights=[{weights}])"
+
+    # -- internals ---------------------------------------------------------------------------
+    def _weights(self) -> Tensor:
+        if self.parametrization == "softmax":
+            return self.num_tasks * torch.softmax(self._raw, dim=0)
+        return self._raw
+
+    def _update(
+        self,
+        losses: Sequence[Tensor],
+        grad_scaler: torch.amp.GradScaler | None,
+        *,
+        weighted_backward: bool,
+    ) -> GradNormInfo:
+        losses = check_losses(losses, self.num_tasks)
+        loss_values = torch.stack([loss.detach() for loss in losses]).double().cpu()
+        bad = nonfinite_tasks(loss_values[:, None])
+        if bad:
+            return self._nonfinite(bad, "loss")
+
+        scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
+        scaled = losses if grad_scaler is None else [grad_scaler.scale(loss) for loss in losses]
+        at_shared = task_jacobian(scaled, self.shared_parameters, retain_graph=True)
+        unreached = torch.nonzero(~at_shared.reached.any(dim=1)).flatten().tolist()
+        if unreached:
+            raise ValueError(
+                f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
+                "shared parameters, so GradNorm cannot balance it"
+            )
+        norms = at_shared.matrix.norm(dim=1).detach().double().cpu() / scale
+        bad = nonfinite_tasks(norms[:, None])
+        if bad:
+            if grad_scaler is None or not weighted_backward:
+                return self._nonfinite(bad, "gradient")
+            # An fp16 overflow: keep the weights and let the scaler skip this step.
+            self._weighted_backward(scaled, self.weights)
+            return self._nonfinite(bad, "gradient", raise_error=False)
+
+        initial_losses = loss_values if self.initial_losses is None else self.initial_losses
+        # A task whose loss starts at 0 has no training rate; tiny keeps the ratio finite.
+        loss_ratios = loss_values / initial_losses.clamp_min(torch.finfo(torch.float64).tiny)
+        old_weights = self.weights
+        targets = F.gradnorm_targets(old_weights * norms, loss_ratios, self.alpha)
+        snapshot = (self._raw.detach().clone(), copy.deepcopy(self.optimizer.state_dict()))
+
+        # Analytic in w: G_i = w_i * ||grad_W L_i||, so this graph is three scalars deep.
+        self.optimizer.zero_grad()
+        gradnorm_loss = F.gradnorm_loss(self._weights() * norms, targets)
+        gradnorm_loss.backward()
+        self.optimizer.step()
+        if self.parametrization == "renormalize":
+            with torch.no_grad():
+                self._raw.clamp_(min=1e-8)
+                self._raw.mul_(self.num_tasks / self._raw.sum())
+        new_weights = self.weights
+
+        if weighted_backward:
+            try:
+                self._weighted_backward(scaled, new_weights, check=grad_scaler is None)
+            except NonFiniteError:
+                self._restore(snapshot)
+                if self.nonfinite == "raise":
+                    raise
+                return self._nonfinite([], "gradient", raise_error=False)
+        self.initial_losses = initial_losses
+        return GradNormInfo(
+            weights=new_weights,
+            grad_norms=norms,
+            weighted_grad_norms=old_weights * norms,
+            targets=targets,
+            loss_ratios=loss_ratios,
+            gradnorm_loss=float(gradnorm_loss.detach()),
+        )
+
+    def _weighted_backward(
+        self, losses: list[Tensor], weights: Tensor, *, check: bool = False
+    ) -> None:
+        """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
+        weighted = sum(
+            w * loss for w, loss in zip(weights.to(losses[0]).unbind(), losses, strict=True)
+        )
+        params = graph_leaves(losses)
+        grads = torch.autograd.grad(weighted, params, allow_unused=True)
+        hit = [k for k, g in enumerate(grads) if g is not None]
+        flat = torch.cat([grads[k].reshape(-1) for k in hit])
+        if check and not bool(torch.isfinite(flat).all()):
+            raise NonFiniteError(
+                "the weighted gradient sum_i w_i grad L_i holds NaN or Inf; nothing was changed"
+            )
+        accumulate_grads([params[k] for k in hit], flat)
+
+    def _restore(self, snapshot: tuple[Tensor, dict[str, Any]]) -> None:
+        raw, optimizer_state = snapshot
+        with torch.no_grad():
+            self._raw.copy_(raw)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    def _nonfinite(self, bad: list[int], what: str, *, raise_error: bool = True) -> GradNormInfo:
+        if raise_error and self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"the {what} of task(s) {', '.join(map(str, bad))} holds NaN or Inf; nothing was "
+                "changed (pass nonfinite='skip' to skip such steps instead)"
+            )
+        nan = torch.full((self.num_tasks,), float("nan"))
+        return GradNormInfo(
+            weights=self.weights,
+            grad_norms=nan,
+            weighted_grad_norms=nan,
+            targets=nan,
+            loss_ratios=nan,
+            gradnorm_loss=float("nan"),
+            skipped=True,
+            nonfinite_tasks=tuple(bad),
+        )

@@ -1,0 +1,372 @@
+"""PCGrad (Yu et al. 2020) as a wrapper around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._engine import TaskJacobian, accumulate_grads, as_parameter_list, task_jacobian
+from ._validation import (
+    NonFiniteError,
+    check_losses,
+    check_nonfinite_policy,
+    check_num_tasks,
+    check_reduction,
+    nonfinite_tasks,
+)
+
+
+@dataclass(frozen=True)
+class PCGradInfo:
+    """What one :meth:`PCGrad.pc_backward` call saw and did (all on the shared parameters).
+
+    Attributes
+    ----------
+    grad_norms : Tensor
+        ``[T]`` norms of the original task gradients.
+    cosine : Tensor
+        ``[T, T]`` cosine similarities of the original task gradients.
+    num_conflicts : int
+        Pairs ``i < j`` with ``g_i . g_j < 0``.
+    conflict_rate : float
+        ``num_conflicts`` over the ``T (T - 1) / 2`` pairs (0 when ``T = 1``).
+    projections : Tensor
+        ``[T, T]`` bool, ``projections[i, j]`` when ``g_i`` was projected onto ``g_j``'s
+        normal plane.
+    skipped : bool
+        ``True`` when no surgery was done: a non-finite loss or gradient with
+        ``nonfinite="skip"`` (the next :meth:`PCGrad.step` is skipped too), or non-finite
+        gradients left for a ``GradScaler`` to skip.
+    nonfinite_tasks : tuple of int
+        Tasks whose loss or gradient held NaN or Inf.
+    """
+
+    grad_norms: Tensor
+    cosine: Tensor
+    num_conflicts: int
+    conflict_rate: float
+    projections: Tensor
+    skipped: bool = False
+    nonfinite_tasks: tuple[int, ...] = ()
+
+
+@dataclass
+class ConflictStats:
+    """Running conflict statistics of a :class:`PCGrad` wrapper since it was created.
+
+    Attributes
+    ----------
+    steps : int
+        Surgeries done (skipped steps do not count).
+    conflicting_pairs : int
+        Conflicting pairs seen, summed over steps.
+    pairs : int
+        Pairs seen, summed over steps.
+    pair_conflicts : Tensor or None
+        ``[T, T]`` symmetric counts of the steps in which tasks ``i`` and ``j`` conflicted.
+    """
+
+    steps: int = 0
+    conflicting_pairs: int = 0
+    pairs: int = 0
+    pair_conflicts: Tensor | None = field(default=None)
+
+    @property
+    def conflict_rate(self) -> float:
+        """Fraction of the pairs seen that conflicted."""
+        return self.conflicting_pairs / self.pairs if self.pairs else 0.0
+
+    def update(self, gramian: Tensor) -> None:
+        conflicts = (gramian < 0).cpu().fill_diagonal_(False)
+        num_tasks = gramian.shape[0]
+        if self.pair_conflicts is None:
+            self.pair_conflicts = torch.zeros(num_tasks, num_tasks, dtype=torch.long)
+        self.steps += 1
+        self.conflicting_pairs += int(conflicts.sum()) // 2
+        self.pairs += num_tasks * (num_tasks - 1) // 2
+        self.pair_conflicts += conflicts.long()
+
+
+class PCGrad(torch.optim.Optimizer):
+    """Projecting Conflicting Gradients (Yu et al. 2020) around any ``torch.optim`` optimizer.
+
+    The wrapper behaves as the optimizer it wraps (``param_groups``, ``zero_grad``, ``step``,
+    ``add_param_group``, ``state_dict``, learning-rate schedulers); :meth:`pc_backward` takes
+    the place of ``loss.backward()``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer to wrap; its parameters are the ones PCGrad writes ``.grad`` into.
+    reduction : {"mean", "sum"}
+        How the projected task gradients are combined. ``"mean"`` (default) keeps the scale of
+        the mean task loss; ``"sum"`` is the paper's.
+    generator : torch.Generator, optional
+        Source of the random projection orders. Defaults to a private CPU generator seeded with
+        ``torch.initial_seed()``; its state is part of :meth:`state_dict`.
+    shared_parameters : module or iterable of Tensor, optional
+        The parameters to do surgery on. By default, those that every task's autograd graph
+        reaches. The others (task-specific heads, unused parameters) are never projected: they
+        get the plain mean (or sum) of the gradients of the tasks that reach them.
+    num_tasks : int, optional
+        Number of tasks; by default fixed by the first :meth:`pc_backward` call. Every call must
+        pass that many losses.
+    nonfinite : {"raise", "skip"}
+        What a NaN or Inf in a loss or gradient does: raise :class:`NonFiniteError` (default), or
+        skip the surgery and the next :meth:`step`, reported as ``info.skipped``. Either way,
+        ``.grad`` and all state are left as they were.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> x = torch.randn(8, 4)
+    >>> losses = [model(x)[:, 0].pow(2).mean(), (model(x)[:, 1] - 1).pow(2).mean()]
+    >>> opt.zero_grad()
+    >>> info = opt.pc_backward(losses)
+    >>> opt.step()
+    >>> info.grad_norms.shape, info.num_conflicts in (0, 1)
+    (torch.Size([2]), True)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        reduction: str = "mean",
+        generator: torch.Generator | None = None,
+        shared_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
+        num_tasks: int | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        # torch.optim.Optimizer.__init__ is deliberately not called: the wrapper owns no
+        # parameters or state of its own, it shares those of the wrapped optimizer.
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        self.optimizer = optimizer
+        self.reduction = check_reduction(reduction)
+        self.nonfinite = check_nonfinite_policy(nonfinite)
+        self.num_tasks = None if num_tasks is None else check_num_tasks(num_tasks)
+        if generator is None:
+            generator = torch.Generator().manual_seed(torch.initial_seed())
+        self.generator = generator
+        self._shared_ids = (
+            None
+            if shared_parameters is None
+            else {id(p) for p in as_parameter_list(shared_parameters, "shared_parameters")}
+        )
+        self.conflict_stats = ConflictStats()
+        self._skip_next_step = False
+
+    # -- the torch.optim.Optimizer protocol, delegated to the wrapped optimizer --------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of the wrapped optimizer's parameters."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Step the wrapped optimizer, unless the last :meth:`pc_backward` was skipped."""
+        if self._skip_next_step:
+            self._skip_next_step = False
+            return None
+        return self.optimizer.step(closure)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer."""
+        self.optimizer.add_param_group(param_group)
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_post_hook(hook)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state, the generator state and the conflict statistics."""
+        stats = self.conflict_stats
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "num_tasks": self.num_tasks,
+            "conflict_stats": {
+                "steps": stats.steps,
+                "conflicting_pairs": stats.conflicting_pairs,
+                "pairs": stats.pairs,
+                "pair_conflicts": stats.pair_conflicts,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; a resumed run continues bit-for-bit."""
+        missing = {"optimizer", "generator", "num_tasks", "conflict_stats"} - state_dict.keys()
+        if missing:
+            raise KeyError(f"not a PCGrad state_dict: missing {sorted(missing)}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.generator.set_state(state_dict["generator"])
+        self.num_tasks = state_dict["num_tasks"]
+        self.conflict_stats = ConflictStats(**state_dict["conflict_stats"])
+
+    def __repr__(self) -> str:
+        return f"PCGrad(reduction={self.reduction!r}, optimizer={self.optimizer!r})"
+
+    # -- the surgery -------------------------------------------------------------------------
+    def pc_backward(
+        self, losses: Sequence[Tensor], *, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> PCGradInfo:
+        """Write the PCGrad combination of the task gradients into ``.grad``.
+
+        Like ``loss.backward()``, the result is added to ``.grad``: call :meth:`zero_grad`
+        first. The autograd graph is freed.
+
+        Parameters
+        ----------
+        losses : sequence of Tensor
+            One scalar loss per task.
+        grad_scaler : torch.amp.GradScaler, optional
+            Scale the losses with it (mixed precision). Non-finite gradients are then written
+            as they are, for ``grad_scaler.step`` to skip the step and lower the scale.
+
+        Returns
+        -------
+        PCGradInfo
+            Norms, cosines, conflicts and projections of this step.
+
+        Raises
+        ------
+        ValueError, TypeError
+            On bad input (see :class:`PCGrad`); nothing is changed.
+        NonFiniteError
+            On a NaN or Inf loss or gradient with ``nonfinite="raise"``; nothing is changed.
+        """
+        self._skip_next_step = False
+        losses = check_losses(losses, self.num_tasks)
+        num_tasks = len(losses)
+
+        bad = nonfinite_tasks(torch.stack([loss.detach() for loss in losses])[:, None])
+        if bad:
+            return self._nonfinite(bad, "loss", num_tasks)
+
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if grad_scaler is not None:
+            losses = [grad_scaler.scale(loss) for loss in losses]
+        jacobian = task_jacobian(losses, params)
+        reached_any = jacobian.reached.any(dim=0)
+        if not reached_any.any():
+            raise ValueError(
+                "no parameter of the wrapped optimizer is reached by any loss: the losses do "
+                "not depend on the parameters being optimized"
+            )
+        bad = nonfinite_tasks(jacobian.matrix)
+        if bad and grad_scaler is None:
+            return self._nonfinite(bad, "gradient", num_tasks)
+
+        shared = self._shared_mask(params, jacobian.reached)
+        everything_shared = bool(shared.all())
+        numels = torch.tensor([p.numel() for p in params])
+        columns = None if everything_shared else torch.repeat_interleave(shared, numels)
+        shared_block = jacobian.matrix if columns is None else jacobian.matrix[:, columns]
+        gramian = F.gramian(shared_block)
+        if not bad and not bool(torch.isfinite(gramian).all()):
+            # Finite gradients whose dot products overflow float32: redo them in float64.
+            gramian = F.gramian(shared_block.double())
+
+        if bad:  # leave the overflow in .grad for the GradScaler to see and skip the step
+            combined = jacobian.matrix.sum(dim=0)
+            no_projection = torch.zeros(num_tasks, num_tasks, dtype=torch.bool)
+            info = _info(gramian, no_projection, skipped=True, bad=bad)
+        else:
+            orders = F.projection_orders(num_tasks, generator=self.generator)
+            coefficients, projected = F.pcgrad_coefficients(gramian, orders)
+            weights = F._reduce_coefficients(coefficients, self.reduction)
+            combined = F._combine(shared_block, weights)
+            if columns is not None:
+                combined = self._with_unshared(jacobian, combined, columns, numels)
+            info = _info(gramian, projected, skipped=False, bad=())
+            self.conflict_stats.update(gramian)
+        if self.num_tasks is None:
+            self.num_tasks = num_tasks
+
+        # Parameters no task reaches keep their .grad (None stays None), as after backward().
+        if bool(reached_any.all()):
+            accumulate_grads(params, combined)
+        else:
+            pieces = combined.split(numels.tolist())
+            kept = reached_any.tolist()
+            accumulate_grads(
+                [p for p, k in zip(params, kept, strict=True) if k],
+                torch.cat([piece for piece, k in zip(pieces, kept, strict=True) if k]),
+            )
+        return info
+
+    def _shared_mask(self, params: list[Tensor], reached: Tensor) -> Tensor:
+        """Which parameters take part in the surgery (bool, one per parameter)."""
+        if self._shared_ids is None:
+            return reached.all(dim=0)
+        return torch.tensor([id(p) in self._shared_ids for p in params], dtype=torch.bool)
+
+    def _with_unshared(
+        self, jacobian: TaskJacobian, shared_part: Tensor, columns: Tensor, numels: Tensor
+    ) -> Tensor:
+        """Full combined gradient: surgery on the shared columns, plain mean/sum elsewhere."""
+        combined = jacobian.matrix.sum(dim=0)
+        if self.reduction == "mean":
+            # Mean over the tasks that reach each parameter, not over all T: a task-specific
+            # head learns at the same rate as it would alone.
+            reach_counts = jacobian.reached.sum(dim=0).clamp_min(1)
+            combined = combined / torch.repeat_interleave(reach_counts, numels).to(combined)
+        combined[columns] = shared_part
+        return combined
+
+    def _nonfinite(self, bad: list[int], what: str, num_tasks: int) -> PCGradInfo:
+        tasks = ", ".join(map(str, bad))
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"the {what} of task(s) {tasks} holds NaN or Inf; nothing was changed "
+                "(pass nonfinite='skip' to skip such steps instead)"
+            )
+        self._skip_next_step = True
+        nan = torch.full((num_tasks,), float("nan"))
+        return PCGradInfo(
+            grad_norms=nan,
+            cosine=torch.full((num_tasks, num_tasks), float("nan")),
+            num_conflicts=0,
+            conflict_rate=0.0,
+            projections=torch.zeros(num_tasks, num_tasks, dtype=torch.bool),
+            skipped=True,
+            nonfinite_tasks=tuple(bad),
+        )
+
+
+def _info(gramian: Tensor, projected: Tensor, *, skipped: bool, bad: Sequence[int]) -> PCGradInfo:
+    gramian = gramian.detach().cpu()
+    num_tasks = gramian.shape[0]
+    num_pairs = num_tasks * (num_tasks - 1) // 2
+    num_conflicts = F.conflicting_pairs(gramian)
+    return PCGradInfo(
+        grad_norms=gramian.diagonal().clamp_min(0).sqrt(),
+        cosine=F.cosine_similarity_matrix(gramian),
+        num_conflicts=num_conflicts,
+        conflict_rate=num_conflicts / num_pairs if num_pairs else 0.0,
+        projections=projected,
+        skipped=skipped,
+        nonfinite_tasks=tuple(bad),
+    )

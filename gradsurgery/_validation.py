@@ -1,0 +1,84 @@
+"""Checks of user input, in one place so every entry point says the same thing.
+
+Every check here runs *before* anything is mutated: a call that fails leaves ``.grad``,
+the optimizer state and the task weights exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_REDUCTIONS = ("mean", "sum")
+_NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteError(ValueError):
+    """A task loss or a task gradient holds NaN or Inf.
+
+    Raised by :class:`~gradsurgery.PCGrad` and :class:`~gradsurgery.GradNorm` with the default
+    ``nonfinite="raise"``; nothing is changed when it is raised.
+    """
+
+
+def check_losses(losses: Sequence[Tensor], num_tasks: int | None = None) -> list[Tensor]:
+    """Validate a list of task losses and return it as a list.
+
+    Raises a :class:`TypeError` or :class:`ValueError` that names the offending task.
+    """
+    if isinstance(losses, Tensor):
+        raise TypeError(
+            "losses must be a list of scalar tensors, one per task, not a single tensor; "
+            "use list(losses) if you stacked them"
+        )
+    losses = list(losses)
+    if not losses:
+        raise ValueError("losses is empty: expected one scalar loss per task")
+    if num_tasks is not None and len(losses) != num_tasks:
+        raise ValueError(f"expected {num_tasks} losses (one per task), got {len(losses)}")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss of task {i} is a {type(loss).__name__}, not a torch.Tensor")
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss of task {i} is not a scalar (shape {tuple(loss.shape)}); "
+                "reduce it first, e.g. with .mean()"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss of task {i} does not require grad: it was computed without a graph "
+                "(under torch.no_grad(), or from detached tensors)"
+            )
+        if not loss.is_floating_point():
+            raise TypeError(f"loss of task {i} has dtype {loss.dtype}, expected a float dtype")
+    devices = {loss.device for loss in losses}
+    if len(devices) > 1:
+        names = ", ".join(f"task {i}: {loss.device}" for i, loss in enumerate(losses))
+        raise ValueError(f"losses are on different devices ({names}); move them to one device")
+    return losses
+
+
+def nonfinite_tasks(values: Tensor) -> list[int]:
+    """Indices of the rows (tasks) of ``values`` that hold a NaN or an Inf."""
+    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    return torch.nonzero(~finite).flatten().tolist()
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_nonfinite_policy(nonfinite: str) -> str:
+    if nonfinite not in _NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+    return nonfinite
+
+
+def check_num_tasks(num_tasks: int) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+    return num_tasks

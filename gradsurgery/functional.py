@@ -1,0 +1,285 @@
+"""Pure functions on per-task gradients: the mathematics of gradsurgery without any state.
+
+Everything here works on a matrix ``grads`` of shape ``[T, P]`` (one flattened gradient per
+task) or on its Gramian ``grads @ grads.T`` of shape ``[T, T]``. PCGrad's projected gradients
+are linear combinations of the original ones, so the whole surgery is computed on the small
+Gramian (``O(T^3)`` work) after a single ``O(T^2 P)`` product, and applied to ``grads`` once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validation import check_reduction
+
+__all__ = [
+    "conflicting_pairs",
+    "cosine_similarity_matrix",
+    "gradnorm_loss",
+    "gradnorm_targets",
+    "gramian",
+    "pcgrad",
+    "pcgrad_coefficients",
+    "projection_orders",
+]
+
+
+def gramian(grads: Tensor) -> Tensor:
+    """Gramian ``G = grads @ grads.T`` of per-task gradients.
+
+    Half-precision inputs are promoted to float32 so that the dot products do not overflow.
+
+    Parameters
+    ----------
+    grads : Tensor
+        Per-task gradients, shape ``[T, P]``.
+
+    Returns
+    -------
+    Tensor
+        ``[T, T]`` matrix of dot products ``G[i, j] = g_i . g_j``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import gramian
+    >>> gramian(torch.tensor([[1.0, 0.0], [1.0, -1.0]]))
+    tensor([[1., 1.],
+            [1., 2.]])
+    """
+    _check_matrix(grads, "grads")
+    if grads.dtype in (torch.float16, torch.bfloat16):
+        grads = grads.float()
+    return grads @ grads.T
+
+
+def projection_orders(num_tasks: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Draw, for every task ``i``, a fresh random order of the other tasks.
+
+    Row ``i`` of the result is a uniformly random permutation of ``{0..T-1} \\ {i}``, the order
+    in which PCGrad projects task ``i``'s gradient (Yu et al. 2020, Algorithm 1).
+
+    Parameters
+    ----------
+    num_tasks : int
+        ``T``.
+    generator : torch.Generator, optional
+        Source of randomness; the global generator when ``None``.
+
+    Returns
+    -------
+    Tensor
+        ``int64`` tensor of shape ``[T, T - 1]`` on the CPU.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import projection_orders
+    >>> orders = projection_orders(3, generator=torch.Generator().manual_seed(0))
+    >>> orders.shape
+    torch.Size([3, 2])
+    >>> all(i not in row.tolist() for i, row in enumerate(orders))
+    True
+    """
+    device = generator.device if generator is not None else None
+    # Sorting i.i.d. uniform keys gives a uniform permutation; a key of 2 puts task i last,
+    # where it is dropped. One draw for all tasks keeps the generator stream short and fixed.
+    keys = torch.rand(num_tasks, num_tasks, generator=generator, dtype=torch.float64, device=device)
+    keys.fill_diagonal_(2.0)
+    return keys.argsort(dim=1)[:, : num_tasks - 1].cpu()
+
+
+def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
+    """PCGrad's projected gradients as coefficients of the original gradients.
+
+    Computes ``C`` such that the projected gradient of task ``i`` is
+    ``g_i' = sum_k C[i, k] g_k``, following Algorithm 1 of Yu et al. (2020): for each task ``i``
+    and each other task ``j`` in ``orders[i]``, if ``g_i' . g_j < 0`` then
+    ``g_i' <- g_i' - (g_i' . g_j / ||g_j||^2) g_j``, always against the *original* ``g_j``.
+    A zero gradient ``g_j`` never conflicts, so nothing is divided by zero.
+
+    The work is done in float64 on the CPU: it is ``O(T^3)`` on a ``[T, T]`` matrix.
+
+    Parameters
+    ----------
+    gramian : Tensor
+        ``[T, T]`` Gramian of the per-task gradients (see :func:`gramian`).
+    orders : Tensor
+        ``[T, T - 1]`` projection orders (see :func:`projection_orders`).
+
+    Returns
+    -------
+    coefficients : Tensor
+        ``[T, T]`` float64 matrix ``C``.
+    projected : Tensor
+        ``[T, T]`` bool matrix, ``projected[i, j]`` when ``g_i`` was projected onto the normal
+        plane of ``g_j``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import pcgrad_coefficients
+    >>> G = torch.tensor([[1.0, -1.0], [-1.0, 4.0]])
+    >>> C, projected = pcgrad_coefficients(G, torch.tensor([[1], [0]]))
+    >>> C
+    tensor([[1.0000, 0.2500],
+            [1.0000, 1.0000]], dtype=torch.float64)
+    >>> projected
+    tensor([[False,  True],
+            [ True, False]])
+    """
+    _check_matrix(gramian, "gramian")
+    num_tasks = gramian.shape[0]
+    if gramian.shape != (num_tasks, num_tasks):
+        raise ValueError(f"gramian must be square, got shape {tuple(gramian.shape)}")
+    if orders.shape != (num_tasks, num_tasks - 1):
+        raise ValueError(
+            f"orders must have shape {(num_tasks, num_tasks - 1)}, got {tuple(orders.shape)}"
+        )
+    G = gramian.detach().to(device="cpu", dtype=torch.float64)
+    orders = orders.to(device="cpu", dtype=torch.long)
+    squared_norms = G.diagonal()
+    coefficients = torch.eye(num_tasks, dtype=torch.float64)
+    projected = torch.zeros(num_tasks, num_tasks, dtype=torch.bool)
+    rows = torch.arange(num_tasks)
+    # All tasks advance through their own order in lockstep: step s projects every g_i' on
+    # its s-th partner at once, so the Python loop runs T - 1 times, not T * (T - 1).
+    for step in range(num_tasks - 1):
+        partners = orders[:, step]
+        dots = (coefficients * G[:, partners].T).sum(dim=1)  # g_i' . g_{partner(i)}
+        partner_norms = squared_norms[partners]
+        conflict = (dots < 0) & (partner_norms > 0)
+        scale = torch.where(conflict, dots / partner_norms.clamp_min(torch.finfo(G.dtype).tiny), 0)
+        coefficients[rows, partners] -= scale
+        projected[rows, partners] |= conflict
+    return coefficients, projected
+
+
+def pcgrad(
+    grads: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    orders: Tensor | None = None,
+) -> Tensor:
+    """Combine per-task gradients with PCGrad (Yu et al. 2020).
+
+    Parameters
+    ----------
+    grads : Tensor
+        Per-task gradients, shape ``[T, P]``. Every column is treated as shared.
+    generator : torch.Generator, optional
+        Source of the random projection orders.
+    reduction : {"mean", "sum"}
+        How the projected gradients are combined: ``"mean"`` (default) or ``"sum"`` (the paper).
+    orders : Tensor, optional
+        Explicit ``[T, T - 1]`` projection orders; drawn from ``generator`` when ``None``.
+
+    Returns
+    -------
+    Tensor
+        The combined gradient, shape ``[P]``, same dtype and device as ``grads``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import pcgrad
+    >>> grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> pcgrad(grads, reduction="sum")
+    tensor([0.5000, 1.5000])
+    """
+    check_reduction(reduction)
+    _check_matrix(grads, "grads")
+    if orders is None:
+        orders = projection_orders(grads.shape[0], generator=generator)
+    coefficients, _ = pcgrad_coefficients(gramian(grads), orders)
+    return _combine(grads, _reduce_coefficients(coefficients, reduction))
+
+
+def _reduce_coefficients(coefficients: Tensor, reduction: str) -> Tensor:
+    """Weights ``c`` (shape ``[T]``) of the combined gradient ``c @ grads``."""
+    return coefficients.mean(dim=0) if reduction == "mean" else coefficients.sum(dim=0)
+
+
+def _combine(grads: Tensor, weights: Tensor) -> Tensor:
+    """``weights @ grads`` in the dtype and on the device of ``grads``."""
+    return weights.to(dtype=grads.dtype, device=grads.device) @ grads
+
+
+def cosine_similarity_matrix(gramian: Tensor) -> Tensor:
+    """Pairwise cosine similarities from a Gramian; zero where a gradient is zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import cosine_similarity_matrix
+    >>> cosine_similarity_matrix(torch.tensor([[1.0, -2.0], [-2.0, 4.0]]))
+    tensor([[ 1., -1.],
+            [-1.,  1.]])
+    """
+    norms = gramian.diagonal().clamp_min(0).sqrt()
+    outer = norms[:, None] * norms[None, :]
+    return torch.where(outer > 0, gramian / outer.clamp_min(torch.finfo(outer.dtype).tiny), 0)
+
+
+def conflicting_pairs(gramian: Tensor) -> int:
+    """Number of task pairs ``i < j`` whose gradients conflict (``g_i . g_j < 0``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import conflicting_pairs
+    >>> conflicting_pairs(torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, -0.1], [0.5, -0.1, 1.0]]))
+    2
+    """
+    return int(torch.triu(gramian < 0, diagonal=1).sum())
+
+
+def gradnorm_targets(weighted_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
+    """GradNorm's target norms ``mean(G) * (r_i / mean(r))^alpha`` (Chen et al. 2018, eq. 2).
+
+    Parameters
+    ----------
+    weighted_norms : Tensor
+        ``G_i = ||grad_W (w_i L_i)||``, shape ``[T]``.
+    loss_ratios : Tensor
+        ``r_i = L_i(t) / L_i(0)``, shape ``[T]``.
+    alpha : float
+        Asymmetry; ``0`` makes every target the mean norm.
+
+    Returns
+    -------
+    Tensor
+        Targets, shape ``[T]``; detached, since GradNorm holds them constant.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import gradnorm_targets
+    >>> gradnorm_targets(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 1.5]), alpha=1.0)
+    tensor([1., 3.])
+    """
+    relative_rates = loss_ratios / loss_ratios.mean()
+    return (weighted_norms.mean() * relative_rates**alpha).detach()
+
+
+def gradnorm_loss(weighted_norms: Tensor, targets: Tensor) -> Tensor:
+    """GradNorm's loss ``sum_i |G_i - target_i|`` (Chen et al. 2018, eq. 2).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import gradnorm_loss
+    >>> gradnorm_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
+    tensor(2.)
+    """
+    return (weighted_norms - targets).abs().sum()
+
+
+def _check_matrix(tensor: Tensor, name: str) -> None:
+    if not isinstance(tensor, Tensor) or tensor.dim() != 2 or tensor.shape[0] < 1:
+        shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a [T, P] tensor with T >= 1, got {shape}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a float dtype, got {tensor.dtype}")

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import gradsurgery as gs
+from gradsurgery._engine import graph_leaves
+from tests._models import model_and_batch
+
+
+def test_task_gradients_match_separate_backward_passes():
+    model, x, y = model_and_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrix = gs.task_gradients(model.losses(x, y), params)
+    for i in range(3):
+        model.zero_grad()
+        model.losses(x, y)[i].backward()
+        expected = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+        )
+        torch.testing.assert_close(matrix[i], expected)
+
+
+def test_task_gradients_accept_a_module_and_keep_grad_untouched():
+    model, x, y = model_and_batch()
+    matrix = gs.task_gradients(model.losses(x, y), model.body)
+    assert matrix.shape == (3, sum(p.numel() for p in model.body.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_task_gradients_retain_graph_on_request():
+    model, x, y = model_and_batch()
+    losses = model.losses(x, y)
+    gs.task_gradients(losses, model.body, retain_graph=True)
+    sum(losses).backward()  # would raise if the graph had been freed
+    with pytest.raises(RuntimeError):
+        losses = model.losses(x, y)
+        gs.task_gradients(losses, model.body)
+        sum(losses).backward()
+
+
+def test_graph_leaves_finds_exactly_the_reached_parameters():
+    model, x, y = model_and_batch()
+    losses = model.losses(x, y)[:1]
+    found = {id(p) for p in graph_leaves(losses)}
+    expected = {id(p) for p in [*model.body.parameters(), *model.heads[0].parameters()]}
+    assert found == expected
