@@ -75,6 +75,17 @@ def task_jacobian(
     return TaskJacobian(matrix, reached)
 
 
+class AutogradEngine:
+    """The default engine: one autograd call per task (see :func:`task_jacobian`)."""
+
+    single_backward = False
+
+    def jacobian(
+        self, losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
+    ) -> TaskJacobian:
+        return task_jacobian(losses, params, retain_graph=retain_graph)
+
+
 def task_gradients(
     losses: Sequence[Tensor],
     params: Iterable[Tensor] | torch.nn.Module,

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._engine import accumulate_grads, as_parameter_list, graph_leaves, task_jacobian
+from ._engine import AutogradEngine, TaskJacobian, accumulate_grads, as_parameter_list, graph_leaves
+from ._partition import BatchPartitionEngine
 from ._validation import (
     NonFiniteError,
     check_losses,
@@ -21,6 +22,14 @@ from ._validation import (
 )
 
 _PARAMETRIZATIONS = ("softmax", "renormalize")
+
+
+@dataclass(frozen=True)
+class _FullJacobian:
+    """Per-task gradients of every parameter the losses reach, ``W``'s first."""
+
+    params: list[Tensor]
+    jacobian: TaskJacobian
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,10 @@ class GradNorm:
     nonfinite : {"raise", "skip"}
         What a NaN or Inf in a loss or gradient does: raise :class:`NonFiniteError` (default),
         or skip the call (weights and ``.grad`` untouched), reported as ``info.skipped``.
+    engine : BatchPartitionEngine, optional
+        How the per-task gradients are computed. By default one autograd call per task down to
+        ``W`` plus one weighted backward; with a :class:`BatchPartitionEngine`, a single
+        backward pass gives every task's gradient and their weighted sum.
 
     Examples
     --------
@@ -115,6 +128,7 @@ class GradNorm:
         lr: float = 0.01,
         parametrization: str = "softmax",
         nonfinite: str = "raise",
+        engine: BatchPartitionEngine | None = None,
     ) -> None:
         self.num_tasks = check_num_tasks(num_tasks)
         self.shared_parameters = as_parameter_list(shared_parameters, "shared_parameters")
@@ -127,6 +141,7 @@ class GradNorm:
         self.alpha = float(alpha)
         self.parametrization = parametrization
         self.nonfinite = check_nonfinite_policy(nonfinite)
+        self.engine = engine if engine is not None else AutogradEngine()
         initial = torch.zeros if parametrization == "softmax" else torch.ones
         # The learned tensor: log-weights (softmax) or raw weights (renormalize). Three scalars,
         # so float64 on the CPU costs nothing and keeps the weights exact across devices.
@@ -238,7 +253,7 @@ class GradNorm:
 
         scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
         scaled = losses if grad_scaler is None else [grad_scaler.scale(loss) for loss in losses]
-        at_shared = task_jacobian(scaled, self.shared_parameters, retain_graph=True)
+        full, at_shared = self._jacobians(scaled, weighted_backward)
         unreached = torch.nonzero(~at_shared.reached.any(dim=1)).flatten().tolist()
         if unreached:
             raise ValueError(
@@ -251,7 +266,7 @@ class GradNorm:
             if grad_scaler is None or not weighted_backward:
                 return self._nonfinite(bad, "gradient")
             # An fp16 overflow: keep the weights and let the scaler skip this step.
-            self._weighted_backward(scaled, self.weights)
+            self._weighted_backward(scaled, self.weights, full)
             return self._nonfinite(bad, "gradient", raise_error=False)
 
         initial_losses = loss_values if self.initial_losses is None else self.initial_losses
@@ -274,7 +289,7 @@ class GradNorm:
 
         if weighted_backward:
             try:
-                self._weighted_backward(scaled, new_weights, check=grad_scaler is None)
+                self._weighted_backward(scaled, new_weights, full, check=grad_scaler is None)
             except NonFiniteError:
                 self._restore(snapshot)
                 if self.nonfinite == "raise":
@@ -290,22 +305,50 @@ class GradNorm:
             gradnorm_loss=float(gradnorm_loss.detach()),
         )
 
+    def _jacobians(
+        self, losses: list[Tensor], weighted_backward: bool
+    ) -> tuple[_FullJacobian | None, TaskJacobian]:
+        """Per-task gradients at ``W``, and at every parameter when one backward gives them."""
+        if not (weighted_backward and self.engine.single_backward):
+            at_shared = self.engine.jacobian(losses, self.shared_parameters, retain_graph=True)
+            return None, at_shared
+        shared_ids = {id(p) for p in self.shared_parameters}
+        others = [p for p in graph_leaves(losses) if id(p) not in shared_ids]
+        params = [*self.shared_parameters, *others]  # W first: its columns are a prefix
+        full = self.engine.jacobian(losses, params)
+        width = sum(p.numel() for p in self.shared_parameters)
+        shared_count = len(self.shared_parameters)
+        at_shared = TaskJacobian(full.matrix[:, :width], full.reached[:, :shared_count])
+        return _FullJacobian(params, full), at_shared
+
     def _weighted_backward(
-        self, losses: list[Tensor], weights: Tensor, *, check: bool = False
+        self,
+        losses: list[Tensor],
+        weights: Tensor,
+        full: _FullJacobian | None,
+        *,
+        check: bool = False,
     ) -> None:
         """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
-        weighted = sum(
-            w * loss for w, loss in zip(weights.to(losses[0]).unbind(), losses, strict=True)
-        )
-        params = graph_leaves(losses)
-        grads = torch.autograd.grad(weighted, params, allow_unused=True)
-        hit = [k for k, g in enumerate(grads) if g is not None]
-        flat = torch.cat([grads[k].reshape(-1) for k in hit])
+        if full is not None:  # the per-task gradients are all there: no second backward
+            matrix = full.jacobian.matrix
+            pieces = (weights.to(matrix) @ matrix).split([p.numel() for p in full.params])
+            hit = [k for k, r in enumerate(full.jacobian.reached.any(dim=0).tolist()) if r]
+            params = [full.params[k] for k in hit]
+            flat = torch.cat([pieces[k] for k in hit])
+        else:
+            weights = weights.to(losses[0])
+            weighted = sum(w * loss for w, loss in zip(weights.unbind(), losses, strict=True))
+            params = graph_leaves(losses)
+            grads = torch.autograd.grad(weighted, params, allow_unused=True)
+            hit = [k for k, g in enumerate(grads) if g is not None]
+            params = [params[k] for k in hit]
+            flat = torch.cat([grads[k].reshape(-1) for k in hit])
         if check and not bool(torch.isfinite(flat).all()):
             raise NonFiniteError(
                 "the weighted gradient sum_i w_i grad L_i holds NaN or Inf; nothing was changed"
             )
-        accumulate_grads([params[k] for k in hit], flat)
+        accumulate_grads(params, flat)
 
     def _restore(self, snapshot: tuple[Tensor, dict[str, Any]]) -> None:
         raw, optimizer_state = snapshot

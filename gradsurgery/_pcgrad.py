@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._engine import TaskJacobian, accumulate_grads, as_parameter_list, task_jacobian
+from ._engine import AutogradEngine, TaskJacobian, accumulate_grads, as_parameter_list
+from ._partition import BatchPartitionEngine
 from ._validation import (
     NonFiniteError,
     check_losses,
@@ -120,6 +121,9 @@ class PCGrad(torch.optim.Optimizer):
         What a NaN or Inf in a loss or gradient does: raise :class:`NonFiniteError` (default), or
         skip the surgery and the next :meth:`step`, reported as ``info.skipped``. Either way,
         ``.grad`` and all state are left as they were.
+    engine : BatchPartitionEngine, optional
+        How the per-task gradients are computed: one autograd call per task by default, or
+        one backward pass over a task-partitioned batch (see :class:`BatchPartitionEngine`).
 
     Examples
     --------
@@ -146,6 +150,7 @@ class PCGrad(torch.optim.Optimizer):
         shared_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
         num_tasks: int | None = None,
         nonfinite: str = "raise",
+        engine: BatchPartitionEngine | None = None,
     ) -> None:
         # torch.optim.Optimizer.__init__ is deliberately not called: the wrapper owns no
         # parameters or state of its own, it shares those of the wrapped optimizer.
@@ -163,6 +168,7 @@ class PCGrad(torch.optim.Optimizer):
             if shared_parameters is None
             else {id(p) for p in as_parameter_list(shared_parameters, "shared_parameters")}
         )
+        self.engine = engine if engine is not None else AutogradEngine()
         self.conflict_stats = ConflictStats()
         self._skip_next_step = False
 
@@ -268,7 +274,7 @@ class PCGrad(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if grad_scaler is not None:
             losses = [grad_scaler.scale(loss) for loss in losses]
-        jacobian = task_jacobian(losses, params)
+        jacobian = self.engine.jacobian(losses, params)
         reached_any = jacobian.reached.any(dim=0)
         if not reached_any.any():
             raise ValueError(

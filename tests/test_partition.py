@@ -1,0 +1,188 @@
+"""BatchPartitionEngine: one backward pass gives the same per-task Jacobian as autograd."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given
+from torch import nn
+
+import gradsurgery as gs
+from gradsurgery._engine import task_jacobian
+
+
+class Mixed(nn.Module):
+    """Every supported layer, a residual, and layers the fast path does not know."""
+
+    def __init__(self, num_tasks: int, sequence: bool) -> None:
+        super().__init__()
+        self.sequence = sequence
+        self.embed = nn.Embedding(num_tasks + 1, 3, padding_idx=num_tasks)
+        self.fc1 = nn.Linear(5 + 3, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 16, bias=False)
+        self.scale = nn.Parameter(torch.randn(16))  # no layer: slow path
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)  # unsupported layer: slow path
+        self.head = nn.Linear(16, 2)
+        self.double()
+
+    def forward(self, x, task_ids):
+        e = self.embed(task_ids)
+        if self.sequence:  # [N, L, features]: per-sample sums over the sequence
+            e = e[:, None, :].expand(-1, x.shape[1], -1)
+        h = torch.tanh(self.norm(self.fc1(torch.cat([x, e], dim=-1))))
+        h = h + torch.relu(self.fc2(h)) * self.scale
+        flat = h.reshape(-1, 1, 16)
+        h = h + self.conv(flat).mean(dim=1).reshape(h.shape)
+        return self.head(h)
+
+
+def losses_on_slices(out, y, sizes):
+    starts = [sum(sizes[:t]) for t in range(len(sizes))]
+    return [
+        (out[a : a + n] - y[a : a + n]).pow(2).mean() * (t + 1)
+        for t, (a, n) in enumerate(zip(starts, sizes, strict=True))
+    ]
+
+
+def data(sizes, sequence, seed):
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    shape = (n, 4, 5) if sequence else (n, 5)
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    y = torch.randn(*shape[:-1], 2, generator=generator, dtype=torch.float64)
+    task_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    task_ids[0] = len(sizes)  # one padding row: its embedding gradient must stay zero
+    return x, y, task_ids
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    equal=st.booleans(),
+    sequence=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_engine_equals_autograd_to_float64_precision(sizes, equal, sequence, seed):
+    if equal:
+        sizes = [sizes[0]] * len(sizes)
+    torch.manual_seed(seed)
+    model = Mixed(len(sizes), sequence)
+    x, y, task_ids = data(sizes, sequence, seed)
+    params = list(model.parameters())
+
+    expected = task_jacobian(losses_on_slices(model(x, task_ids), y, sizes), params)
+    engine = gs.BatchPartitionEngine(model)
+    with engine.record(sizes):
+        out = model(x, task_ids)
+    actual = engine.jacobian(losses_on_slices(out, y, sizes), params)
+
+    torch.testing.assert_close(actual.matrix, expected.matrix, rtol=1e-10, atol=1e-12)
+    assert torch.equal(actual.reached, expected.reached)
+
+
+def study_network():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 4)
+    ).double()
+
+
+def study_losses(out, targets):
+    return [(o - t).pow(2).mean() for o, t in zip(out.split(64), targets.split(64), strict=True)]
+
+
+def test_pcgrad_with_the_fast_engine_equals_the_default():
+    x = torch.randn(192, 8, dtype=torch.float64)
+    targets = torch.randn(192, 4, dtype=torch.float64) * torch.tensor([1.0, -1.0, 1.0, -1.0])
+    slow_model, fast_model = study_network(), study_network()
+    slow = gs.PCGrad(torch.optim.Adam(slow_model.parameters(), lr=1e-3))
+    engine = gs.BatchPartitionEngine(fast_model)
+    fast = gs.PCGrad(torch.optim.Adam(fast_model.parameters(), lr=1e-3), engine=engine)
+    for _ in range(3):
+        slow.zero_grad()
+        slow_info = slow.pc_backward(study_losses(slow_model(x), targets))
+        slow.step()
+        fast.zero_grad()
+        with engine.record([64, 64, 64]):
+            out = fast_model(x)
+        fast_info = fast.pc_backward(study_losses(out, targets))
+        fast.step()
+        torch.testing.assert_close(fast_info.cosine, slow_info.cosine)
+    for a, b in zip(slow_model.parameters(), fast_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradnorm_with_the_fast_engine_equals_the_default():
+    x = torch.randn(192, 8, dtype=torch.float64)
+    targets = torch.randn(192, 4, dtype=torch.float64)
+    slow_model, fast_model = study_network(), study_network()
+    slow_opt = torch.optim.Adam(slow_model.parameters(), lr=1e-3)
+    fast_opt = torch.optim.Adam(fast_model.parameters(), lr=1e-3)
+    slow = gs.GradNorm(3, slow_model[2], lr=0.05)
+    engine = gs.BatchPartitionEngine(fast_model)
+    fast = gs.GradNorm(3, fast_model[2], lr=0.05, engine=engine)
+    for step in range(4):
+        scaled = targets * (1 + step)
+        slow_opt.zero_grad()
+        slow.backward(study_losses(slow_model(x), scaled))
+        slow_opt.step()
+        fast_opt.zero_grad()
+        with engine.record([64, 64, 64]):
+            out = fast_model(x)
+        fast.backward(study_losses(out, scaled))
+        fast_opt.step()
+        torch.testing.assert_close(fast.weights, slow.weights, rtol=1e-10, atol=1e-12)
+    for a, b in zip(slow_model.parameters(), fast_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_call_outside_the_recording_sends_its_layer_to_the_slow_path():
+    model = study_network()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    engine = gs.BatchPartitionEngine(model)
+    with engine.record([3, 3]):
+        hidden = model[:2](x)
+    out = model[2:](hidden)  # after the recording: not attributable to tasks
+    losses = [out[:3].pow(2).mean(), out[3:].sum()]
+    expected = task_jacobian(losses, list(model.parameters()), retain_graph=True)
+    actual = engine.jacobian(losses, list(model.parameters()))
+    torch.testing.assert_close(actual.matrix, expected.matrix)
+
+
+def test_verify_catches_a_loss_that_mixes_tasks():
+    model = study_network()
+    engine = gs.BatchPartitionEngine(model, verify=True)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    with engine.record([3, 3]):
+        out = model(x)
+    mixing = [out[:4].pow(2).mean(), out[3:].pow(2).mean()]  # row 3 belongs to task 1
+    with pytest.raises(RuntimeError, match="mixes samples"):
+        engine.jacobian(mixing, list(model.parameters()))
+
+
+def test_clear_errors():
+    model = study_network()
+    engine = gs.BatchPartitionEngine(model)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    loss = model(x).sum()
+    with pytest.raises(RuntimeError, match="recorded no forward pass"):
+        engine.jacobian([loss, loss], list(model.parameters()))
+    with engine.record([3, 3]):
+        out = model(x)
+    with pytest.raises(ValueError, match="3 losses for a batch recorded with 2 tasks"):
+        engine.jacobian([out.sum()] * 3, list(model.parameters()))
+    with pytest.raises(ValueError, match="task_sizes"), engine.record([3, 0]):
+        pass
+    with pytest.raises(ValueError, match="BatchNorm"):
+        gs.BatchPartitionEngine(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+
+
+def test_remove_detaches_the_hooks():
+    model = study_network()
+    engine = gs.BatchPartitionEngine(model)
+    engine.remove()
+    with engine.record([1]):
+        model(torch.randn(1, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="recorded no forward pass"):
+        engine.jacobian([model(torch.randn(1, 8, dtype=torch.float64)).sum()], [model[0].weight])
