@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,12 +25,12 @@ class TaskJacobian:
     ----------
     matrix : Tensor
         ``[T, P]``: row ``i`` is task ``i``'s gradient, zeros where the task does not reach.
-    reached : Tensor
+    reached : numpy.ndarray
         ``[T, n_params]`` bool: whether task ``i``'s autograd graph reaches parameter ``k``.
     """
 
     matrix: Tensor
-    reached: Tensor
+    reached: np.ndarray
 
 
 def as_parameter_list(parameters: Iterable[Tensor] | torch.nn.Module, what: str) -> list[Tensor]:
@@ -63,7 +64,7 @@ def task_jacobian(
         )
     numels = [p.numel() for p in params]
     matrix = torch.zeros(len(losses), sum(numels), dtype=first.dtype, device=first.device)
-    reached = torch.zeros(len(losses), len(params), dtype=torch.bool)
+    reached = np.zeros((len(losses), len(params)), dtype=bool)
     for i, loss in enumerate(losses):
         keep = retain_graph or i < len(losses) - 1
         grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
@@ -147,16 +148,20 @@ def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
 
 
 def accumulate_grads(params: Sequence[Tensor], flat: Tensor) -> None:
-    """Add ``flat`` (shape ``[P]``) into ``.grad`` of ``params``, as ``backward`` would."""
+    """Add ``flat`` (shape ``[P]``) into ``.grad`` of ``params``, as ``backward`` would.
+
+    ``flat`` must be a fresh tensor the caller gives away: empty ``.grad`` slots become views
+    of it rather than copies.
+    """
     views = [
         g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
     ]
-    fresh = [k for k, p in enumerate(params) if p.grad is None]
     existing = [k for k, p in enumerate(params) if p.grad is not None]
-    for k in fresh:
-        params[k].grad = views[k].clone()
     if existing:
         torch._foreach_add_([params[k].grad for k in existing], [views[k] for k in existing])
+    for p, view in zip(params, views, strict=True):
+        if p.grad is None:
+            p.grad = view
 
 
 def _unique(tensors: list[Tensor]) -> list[Tensor]:

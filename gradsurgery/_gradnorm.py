@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,7 +19,9 @@ from ._validation import (
     check_losses,
     check_nonfinite_policy,
     check_num_tasks,
+    loss_values,
     nonfinite_tasks,
+    nonfinite_values,
 )
 
 _PARAMETRIZATIONS = ("softmax", "renormalize")
@@ -246,15 +249,15 @@ class GradNorm:
         weighted_backward: bool,
     ) -> GradNormInfo:
         losses = check_losses(losses, self.num_tasks)
-        loss_values = torch.stack([loss.detach() for loss in losses]).double().cpu()
-        bad = nonfinite_tasks(loss_values[:, None])
+        values = torch.tensor(loss_values(losses), dtype=torch.float64)
+        bad = nonfinite_values(values.tolist())
         if bad:
             return self._nonfinite(bad, "loss")
 
         scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
         scaled = losses if grad_scaler is None else [grad_scaler.scale(loss) for loss in losses]
         full, at_shared = self._jacobians(scaled, weighted_backward)
-        unreached = torch.nonzero(~at_shared.reached.any(dim=1)).flatten().tolist()
+        unreached = np.flatnonzero(~at_shared.reached.any(axis=1)).tolist()
         if unreached:
             raise ValueError(
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
@@ -269,9 +272,9 @@ class GradNorm:
             self._weighted_backward(scaled, self.weights, full)
             return self._nonfinite(bad, "gradient", raise_error=False)
 
-        initial_losses = loss_values if self.initial_losses is None else self.initial_losses
+        initial_losses = values if self.initial_losses is None else self.initial_losses
         # A task whose loss starts at 0 has no training rate; tiny keeps the ratio finite.
-        loss_ratios = loss_values / initial_losses.clamp_min(torch.finfo(torch.float64).tiny)
+        loss_ratios = values / initial_losses.clamp_min(torch.finfo(torch.float64).tiny)
         old_weights = self.weights
         targets = F.gradnorm_targets(old_weights * norms, loss_ratios, self.alpha)
         snapshot = (self._raw.detach().clone(), copy.deepcopy(self.optimizer.state_dict()))
@@ -333,7 +336,7 @@ class GradNorm:
         if full is not None:  # the per-task gradients are all there: no second backward
             matrix = full.jacobian.matrix
             pieces = (weights.to(matrix) @ matrix).split([p.numel() for p in full.params])
-            hit = [k for k, r in enumerate(full.jacobian.reached.any(dim=0).tolist()) if r]
+            hit = np.flatnonzero(full.jacobian.reached.any(axis=0)).tolist()
             params = [full.params[k] for k in hit]
             flat = torch.cat([pieces[k] for k in hit])
         else:

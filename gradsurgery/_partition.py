@@ -11,9 +11,11 @@ autograd call per task, so the result is always the full per-task Jacobian.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
@@ -87,10 +89,10 @@ class BatchPartitionEngine:
         self._recording = False
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._unrecorded: set[nn.Module] = set()
+        layers = [module for module in model.modules() if type(module) in _SUPPORTED]
+        self._owned = {m: list(m.named_parameters(recurse=False)) for m in layers}
         self._handles = [
-            module.register_forward_hook(self._on_forward, with_kwargs=True)
-            for module in model.modules()
-            if type(module) in _SUPPORTED
+            module.register_forward_hook(self._on_forward, with_kwargs=True) for module in layers
         ]
 
     @contextlib.contextmanager
@@ -145,20 +147,30 @@ class BatchPartitionEngine:
             and _fast_path_applies(module)
             and all(call.input.shape[0] == sum(sizes) for call in module_calls)
         }
-        owner = {
-            id(p): (module, name)
-            for module in fast
-            for name, p in module.named_parameters(recurse=False)
-        }
+        owner = {id(p): (module, name) for module in fast for name, p in self._owned[module]}
         slow_params = [p for p in params if id(p) not in owner]
         # Slow parameters first, while the graph is whole; the single backward frees it.
         slow = task_jacobian(losses, slow_params, retain_graph=True) if slow_params else None
 
+        if unrecorded & calls.keys():
+            names = {module: name for name, module in self.model.named_modules()}
+            warnings.warn(
+                "BatchPartitionEngine: "
+                + ", ".join(
+                    sorted(names.get(m, type(m).__name__) for m in unrecorded & calls.keys())
+                )
+                + " ran with grad enabled outside engine.record() since the last backward; "
+                "their parameters took the slow per-task path this step",
+                stacklevel=3,
+            )
         outputs = [call.output for module_calls in fast.values() for call in module_calls]
-        total = torch.stack(list(losses)).sum()
-        output_grads = iter(
-            torch.autograd.grad(total, outputs, retain_graph=retain_graph, allow_unused=True)
-        )
+        grads: Sequence[Tensor | None] = ()
+        if outputs:
+            total = torch.stack(list(losses)).sum()
+            grads = torch.autograd.grad(
+                total, outputs, retain_graph=retain_graph, allow_unused=True
+            )
+        output_grads = iter(grads)
         per_task: dict[tuple[nn.Module, str], Tensor] = {}
         for module, module_calls in fast.items():
             for call in module_calls:
@@ -187,6 +199,56 @@ class BatchPartitionEngine:
 
 
 def _fast_path_applies(module: nn.Module) -> bool:
+    if isinstance(module, nn.Embedding):
+        return not module.sparse and module.max_norm is None
+    return True
+
+
+def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+
+
+def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
+    if len(set(sizes)) == 1:
+        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
+    out = values.new_zeros(len(sizes), *values.shape[1:])
+    return out.index_add_(0, _task_index(sizes, values.device), values)
+
+
+def _task_grads(
+    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+) -> dict[str, Tensor]:
+    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
+    num_rows = x.shape[0]
+    equal = len(set(sizes)) == 1
+    if isinstance(module, nn.Linear):
+        dtype = module.weight.dtype
+        x = x.to(dtype)
+        g = grad_output.to(dtype)
+        if equal:  # one batched matmul: the same FLOPs as the plain weight gradient
+            xs = x.reshape(len(sizes), -1, module.in_features)
+            gs = g.reshape(len(sizes), -1, module.out_features)
+            grads = {"weight": gs.transpose(1, 2) @ xs}
+            if module.bias is not None:
+                grads["bias"] = gs.sum(dim=1)
+            return grads
+        x = x.reshape(num_rows, -1, module.in_features)
+        g = g.reshape(num_rows, -1, module.out_features)
+        starts = [sum(sizes[:t]) for t in range(len(sizes))]
+        weight = torch.stack(
+            [
+                g[a : a + n].reshape(-1, module.out_features).T
+                @ x[a : a + n].reshape(-1, module.in_features)
+                for a, n in zip(starts, sizes, strict=True)
+            ]
+        )
+        grads = {"weight": weight}
+        if module.bias is not None:
+            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
+        return grads
     if isinstance(module, nn.Embedding):
         return not module.sparse and module.max_norm is None
     return True
@@ -267,24 +329,23 @@ def _assemble(
     slow_params: list[Tensor],
     slow: TaskJacobian | None,
 ) -> TaskJacobian:
-    first = params[0]
-    numels = [p.numel() for p in params]
-    matrix = torch.zeros(num_tasks, sum(numels), dtype=first.dtype, device=first.device)
-    reached = torch.zeros(num_tasks, len(params), dtype=torch.bool)
-    slow_rows = iter(
-        slow.matrix.split([p.numel() for p in slow_params], dim=1) if slow is not None else ()
-    )
+    """Concatenate the fast and slow per-task gradients in the order of ``params``."""
+    slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1) if slow else ()
     slow_index = {id(p): k for k, p in enumerate(slow_params)}
-    for k, (p, block) in enumerate(zip(params, matrix.split(numels, dim=1), strict=True)):
+    blocks, reached = [], []
+    for p in params:
         if id(p) in owner:
             grad = per_task.get(owner[id(p)])
-            if grad is not None:
-                block.copy_(grad.reshape(num_tasks, -1))
-                reached[:, k] = True
+            if grad is None:  # the losses do not reach this layer
+                blocks.append(p.new_zeros(num_tasks, p.numel()))
+            else:
+                blocks.append(grad.reshape(num_tasks, -1))
+            reached.append(grad is not None)
         else:
-            block.copy_(next(slow_rows))
-            reached[:, k] = slow.reached[:, slow_index[id(p)]]
-    return TaskJacobian(matrix, reached)
+            blocks.append(slow_blocks[slow_index[id(p)]])
+            reached.append(slow.reached[:, slow_index[id(p)]])
+    reach = np.column_stack([np.broadcast_to(r, (num_tasks,)) for r in reached])
+    return TaskJacobian(torch.cat(blocks, dim=1), reach)
 
 
 def _check_agreement(fast: TaskJacobian, reference: TaskJacobian) -> None:

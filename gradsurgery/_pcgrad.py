@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,16 +19,22 @@ from ._validation import (
     check_nonfinite_policy,
     check_num_tasks,
     check_reduction,
+    loss_values,
     nonfinite_tasks,
+    nonfinite_values,
 )
 
 
-@dataclass(frozen=True)
 class PCGradInfo:
     """What one :meth:`PCGrad.pc_backward` call saw and did (all on the shared parameters).
 
+    The statistics are derived from the step's ``[T, T]`` Gramian when first read, so a
+    training loop that ignores them does not pay for them.
+
     Attributes
     ----------
+    gramian : Tensor
+        ``[T, T]`` float64 Gramian ``G[i, j] = g_i . g_j`` of the original task gradients.
     grad_norms : Tensor
         ``[T]`` norms of the original task gradients.
     cosine : Tensor
@@ -47,13 +54,48 @@ class PCGradInfo:
         Tasks whose loss or gradient held NaN or Inf.
     """
 
-    grad_norms: Tensor
-    cosine: Tensor
-    num_conflicts: int
-    conflict_rate: float
-    projections: Tensor
-    skipped: bool = False
-    nonfinite_tasks: tuple[int, ...] = ()
+    __slots__ = ("_gramian", "nonfinite_tasks", "projections", "skipped")
+
+    def __init__(
+        self,
+        gramian: np.ndarray,
+        projections: np.ndarray,
+        *,
+        skipped: bool = False,
+        nonfinite_tasks: Sequence[int] = (),
+    ) -> None:
+        self._gramian = gramian
+        self.projections = torch.from_numpy(projections)
+        self.skipped = skipped
+        self.nonfinite_tasks = tuple(nonfinite_tasks)
+
+    @property
+    def gramian(self) -> Tensor:
+        return torch.from_numpy(self._gramian)
+
+    @property
+    def grad_norms(self) -> Tensor:
+        return torch.from_numpy(np.sqrt(np.clip(self._gramian.diagonal(), 0, None)))
+
+    @property
+    def cosine(self) -> Tensor:
+        return torch.from_numpy(F._cosine_similarity_matrix(self._gramian))
+
+    @property
+    def num_conflicts(self) -> int:
+        return F._conflicting_pairs(self._gramian)
+
+    @property
+    def conflict_rate(self) -> float:
+        num_tasks = self._gramian.shape[0]
+        num_pairs = num_tasks * (num_tasks - 1) // 2
+        return self.num_conflicts / num_pairs if num_pairs else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"PCGradInfo(grad_norms={self.grad_norms}, num_conflicts={self.num_conflicts}, "
+            f"conflict_rate={self.conflict_rate:.3f}, skipped={self.skipped})"
+        )
 
 
 @dataclass
@@ -82,15 +124,17 @@ class ConflictStats:
         """Fraction of the pairs seen that conflicted."""
         return self.conflicting_pairs / self.pairs if self.pairs else 0.0
 
-    def update(self, gramian: Tensor) -> None:
-        conflicts = (gramian < 0).cpu().fill_diagonal_(False)
+    def update(self, gramian: np.ndarray) -> None:
+        """Count the conflicts of one step's ``[T, T]`` Gramian."""
+        conflicts = gramian < 0
+        np.fill_diagonal(conflicts, False)
         num_tasks = gramian.shape[0]
         if self.pair_conflicts is None:
             self.pair_conflicts = torch.zeros(num_tasks, num_tasks, dtype=torch.long)
         self.steps += 1
         self.conflicting_pairs += int(conflicts.sum()) // 2
         self.pairs += num_tasks * (num_tasks - 1) // 2
-        self.pair_conflicts += conflicts.long()
+        self.pair_conflicts += torch.from_numpy(conflicts)
 
 
 class PCGrad(torch.optim.Optimizer):
@@ -266,8 +310,7 @@ class PCGrad(torch.optim.Optimizer):
         self._skip_next_step = False
         losses = check_losses(losses, self.num_tasks)
         num_tasks = len(losses)
-
-        bad = nonfinite_tasks(torch.stack([loss.detach() for loss in losses])[:, None])
+        bad = nonfinite_values(loss_values(losses))
         if bad:
             return self._nonfinite(bad, "loss", num_tasks)
 
@@ -275,70 +318,79 @@ class PCGrad(torch.optim.Optimizer):
         if grad_scaler is not None:
             losses = [grad_scaler.scale(loss) for loss in losses]
         jacobian = self.engine.jacobian(losses, params)
-        reached_any = jacobian.reached.any(dim=0)
-        if not reached_any.any():
+        reached = jacobian.reached
+        if not reached.any():
             raise ValueError(
                 "no parameter of the wrapped optimizer is reached by any loss: the losses do "
                 "not depend on the parameters being optimized"
             )
-        bad = nonfinite_tasks(jacobian.matrix)
-        if bad and grad_scaler is None:
-            return self._nonfinite(bad, "gradient", num_tasks)
-
-        shared = self._shared_mask(params, jacobian.reached)
-        everything_shared = bool(shared.all())
-        numels = torch.tensor([p.numel() for p in params])
-        columns = None if everything_shared else torch.repeat_interleave(shared, numels)
-        shared_block = jacobian.matrix if columns is None else jacobian.matrix[:, columns]
-        gramian = F.gramian(shared_block)
-        if not bad and not bool(torch.isfinite(gramian).all()):
-            # Finite gradients whose dot products overflow float32: redo them in float64.
-            gramian = F.gramian(shared_block.double())
+        shared = self._shared_mask(params, reached)
+        numels = [p.numel() for p in params]
+        columns = None
+        shared_block = jacobian.matrix
+        if not shared.all():
+            columns = torch.from_numpy(np.repeat(shared, numels))
+            shared_block = jacobian.matrix[:, columns]
+        # The [T, T] work happens on the CPU in float64, whatever the device of the gradients.
+        gramian = F.gramian(shared_block).detach().to("cpu", torch.float64).numpy()
+        bad = []
+        # A NaN or Inf gradient makes its Gramian row non-finite: the exact (costlier) check
+        # only runs when the Gramian or the unshared columns say something is wrong.
+        unshared_finite = columns is None or bool(
+            torch.isfinite(jacobian.matrix[:, ~columns].sum()).all()
+        )
+        if not (np.isfinite(gramian).all() and unshared_finite):
+            bad = nonfinite_tasks(jacobian.matrix)
+            if bad and grad_scaler is None:
+                return self._nonfinite(bad, "gradient", num_tasks)
+            if not bad:  # finite gradients whose dot products overflow float32
+                gramian = F.gramian(shared_block.double()).cpu().numpy()
 
         if bad:  # leave the overflow in .grad for the GradScaler to see and skip the step
             combined = jacobian.matrix.sum(dim=0)
-            no_projection = torch.zeros(num_tasks, num_tasks, dtype=torch.bool)
-            info = _info(gramian, no_projection, skipped=True, bad=bad)
+            no_projection = np.zeros((num_tasks, num_tasks), dtype=bool)
+            info = PCGradInfo(gramian, no_projection, skipped=True, nonfinite_tasks=bad)
         else:
-            orders = F.projection_orders(num_tasks, generator=self.generator)
-            coefficients, projected = F.pcgrad_coefficients(gramian, orders)
+            orders = F._projection_orders(num_tasks, self.generator)
+            coefficients, projected = F._pcgrad_coefficients(gramian, orders)
             weights = F._reduce_coefficients(coefficients, self.reduction)
             combined = F._combine(shared_block, weights)
             if columns is not None:
                 combined = self._with_unshared(jacobian, combined, columns, numels)
-            info = _info(gramian, projected, skipped=False, bad=())
+            info = PCGradInfo(gramian, projected)
             self.conflict_stats.update(gramian)
         if self.num_tasks is None:
             self.num_tasks = num_tasks
 
         # Parameters no task reaches keep their .grad (None stays None), as after backward().
-        if bool(reached_any.all()):
+        kept = reached.any(axis=0)
+        if kept.all():
             accumulate_grads(params, combined)
         else:
-            pieces = combined.split(numels.tolist())
-            kept = reached_any.tolist()
+            pieces = combined.split(numels)
             accumulate_grads(
                 [p for p, k in zip(params, kept, strict=True) if k],
                 torch.cat([piece for piece, k in zip(pieces, kept, strict=True) if k]),
             )
         return info
 
-    def _shared_mask(self, params: list[Tensor], reached: Tensor) -> Tensor:
+    def _shared_mask(self, params: list[Tensor], reached: np.ndarray) -> np.ndarray:
         """Which parameters take part in the surgery (bool, one per parameter)."""
         if self._shared_ids is None:
-            return reached.all(dim=0)
-        return torch.tensor([id(p) in self._shared_ids for p in params], dtype=torch.bool)
+            return reached.all(axis=0)
+        return np.array([id(p) in self._shared_ids for p in params], dtype=bool)
 
     def _with_unshared(
-        self, jacobian: TaskJacobian, shared_part: Tensor, columns: Tensor, numels: Tensor
+        self, jacobian: TaskJacobian, shared_part: Tensor, columns: Tensor, numels: list[int]
     ) -> Tensor:
         """Full combined gradient: surgery on the shared columns, plain mean/sum elsewhere."""
         combined = jacobian.matrix.sum(dim=0)
         if self.reduction == "mean":
             # Mean over the tasks that reach each parameter, not over all T: a task-specific
             # head learns at the same rate as it would alone.
-            reach_counts = jacobian.reached.sum(dim=0).clamp_min(1)
-            combined = combined / torch.repeat_interleave(reach_counts, numels).to(combined)
+            reach_counts = np.maximum(jacobian.reached.sum(axis=0), 1)
+            counts = torch.from_numpy(np.repeat(reach_counts, numels))
+            combined = combined / counts.to(combined)
         combined[columns] = shared_part
         return combined
 
@@ -350,29 +402,9 @@ class PCGrad(torch.optim.Optimizer):
                 "(pass nonfinite='skip' to skip such steps instead)"
             )
         self._skip_next_step = True
-        nan = torch.full((num_tasks,), float("nan"))
         return PCGradInfo(
-            grad_norms=nan,
-            cosine=torch.full((num_tasks, num_tasks), float("nan")),
-            num_conflicts=0,
-            conflict_rate=0.0,
-            projections=torch.zeros(num_tasks, num_tasks, dtype=torch.bool),
+            np.full((num_tasks, num_tasks), np.nan),
+            np.zeros((num_tasks, num_tasks), dtype=bool),
             skipped=True,
-            nonfinite_tasks=tuple(bad),
+            nonfinite_tasks=bad,
         )
-
-
-def _info(gramian: Tensor, projected: Tensor, *, skipped: bool, bad: Sequence[int]) -> PCGradInfo:
-    gramian = gramian.detach().cpu()
-    num_tasks = gramian.shape[0]
-    num_pairs = num_tasks * (num_tasks - 1) // 2
-    num_conflicts = F.conflicting_pairs(gramian)
-    return PCGradInfo(
-        grad_norms=gramian.diagonal().clamp_min(0).sqrt(),
-        cosine=F.cosine_similarity_matrix(gramian),
-        num_conflicts=num_conflicts,
-        conflict_rate=num_conflicts / num_pairs if num_pairs else 0.0,
-        projections=projected,
-        skipped=skipped,
-        nonfinite_tasks=tuple(bad),
-    )

@@ -6,6 +6,7 @@ the optimizer state and the task weights exactly as they were.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,8 +63,25 @@ def check_losses(losses: Sequence[Tensor], num_tasks: int | None = None) -> list
 
 def nonfinite_tasks(values: Tensor) -> list[int]:
     """Indices of the rows (tasks) of ``values`` that hold a NaN or an Inf."""
-    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    rows = values.reshape(values.shape[0], -1)
+    # NaN and Inf survive a sum, so one reduction clears the common case; only a non-finite
+    # sum (a real NaN/Inf, or a float overflow of the sum) pays for the exact elementwise test.
+    if bool(torch.isfinite(rows.sum(dim=1)).all()):
+        return []
+    finite = torch.isfinite(rows).all(dim=1)
     return torch.nonzero(~finite).flatten().tolist()
+
+
+def loss_values(losses: Sequence[Tensor]) -> list[float]:
+    """The losses' values as Python floats, with one device sync at most."""
+    if losses[0].device.type == "cpu":
+        return [loss.item() for loss in losses]
+    return torch.stack([loss.detach() for loss in losses]).tolist()
+
+
+def nonfinite_values(values: Sequence[float]) -> list[int]:
+    """Indices of the values that are NaN or infinite."""
+    return [i for i, value in enumerate(values) if not math.isfinite(value)]
 
 
 def check_reduction(reduction: str) -> str:

@@ -8,6 +8,7 @@ Gramian (``O(T^3)`` work) after a single ``O(T^2 P)`` product, and applied to ``
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -82,12 +83,17 @@ def projection_orders(num_tasks: int, *, generator: torch.Generator | None = Non
     >>> all(i not in row.tolist() for i, row in enumerate(orders))
     True
     """
+    return torch.from_numpy(_projection_orders(num_tasks, generator))
+
+
+def _projection_orders(num_tasks: int, generator: torch.Generator | None) -> np.ndarray:
     device = generator.device if generator is not None else None
     # Sorting i.i.d. uniform keys gives a uniform permutation; a key of 2 puts task i last,
     # where it is dropped. One draw for all tasks keeps the generator stream short and fixed.
     keys = torch.rand(num_tasks, num_tasks, generator=generator, dtype=torch.float64, device=device)
-    keys.fill_diagonal_(2.0)
-    return keys.argsort(dim=1)[:, : num_tasks - 1].cpu()
+    keys = keys.cpu().numpy()
+    np.fill_diagonal(keys, 2.0)
+    return np.argsort(keys, axis=1, kind="stable")[:, : num_tasks - 1]
 
 
 def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,22 +143,30 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> tuple[Tensor, Tensor
         raise ValueError(
             f"orders must have shape {(num_tasks, num_tasks - 1)}, got {tuple(orders.shape)}"
         )
-    G = gramian.detach().to(device="cpu", dtype=torch.float64)
-    orders = orders.to(device="cpu", dtype=torch.long)
+    G = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    coefficients, projected = _pcgrad_coefficients(G, orders.to("cpu", torch.long).numpy())
+    return torch.from_numpy(coefficients), torch.from_numpy(projected)
+
+
+def _pcgrad_coefficients(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # A [T, T] problem: NumPy float64 has far less per-operation overhead than torch for
+    # matrices this small, and is exact enough to match a float64 direct loop.
+    num_tasks = G.shape[0]
     squared_norms = G.diagonal()
-    coefficients = torch.eye(num_tasks, dtype=torch.float64)
-    projected = torch.zeros(num_tasks, num_tasks, dtype=torch.bool)
-    rows = torch.arange(num_tasks)
+    coefficients = np.eye(num_tasks)
+    projected = np.zeros((num_tasks, num_tasks), dtype=bool)
+    rows = np.arange(num_tasks)
     # All tasks advance through their own order in lockstep: step s projects every g_i' on
     # its s-th partner at once, so the Python loop runs T - 1 times, not T * (T - 1).
-    for step in range(num_tasks - 1):
-        partners = orders[:, step]
-        dots = (coefficients * G[:, partners].T).sum(dim=1)  # g_i' . g_{partner(i)}
+    for partners in orders.T:
+        dots = (coefficients * G[partners]).sum(axis=1)  # g_i' . g_{partner(i)}; G symmetric
         partner_norms = squared_norms[partners]
         conflict = (dots < 0) & (partner_norms > 0)
-        scale = torch.where(conflict, dots / partner_norms.clamp_min(torch.finfo(G.dtype).tiny), 0)
-        coefficients[rows, partners] -= scale
-        projected[rows, partners] |= conflict
+        if conflict.any():
+            coefficients[rows[conflict], partners[conflict]] -= (
+                dots[conflict] / partner_norms[conflict]
+            )
+            projected[rows[conflict], partners[conflict]] = True
     return coefficients, projected
 
 
@@ -194,17 +208,17 @@ def pcgrad(
     if orders is None:
         orders = projection_orders(grads.shape[0], generator=generator)
     coefficients, _ = pcgrad_coefficients(gramian(grads), orders)
-    return _combine(grads, _reduce_coefficients(coefficients, reduction))
+    return _combine(grads, _reduce_coefficients(coefficients.numpy(), reduction))
 
 
-def _reduce_coefficients(coefficients: Tensor, reduction: str) -> Tensor:
+def _reduce_coefficients(coefficients: np.ndarray, reduction: str) -> np.ndarray:
     """Weights ``c`` (shape ``[T]``) of the combined gradient ``c @ grads``."""
-    return coefficients.mean(dim=0) if reduction == "mean" else coefficients.sum(dim=0)
+    return coefficients.mean(axis=0) if reduction == "mean" else coefficients.sum(axis=0)
 
 
-def _combine(grads: Tensor, weights: Tensor) -> Tensor:
+def _combine(grads: Tensor, weights: np.ndarray) -> Tensor:
     """``weights @ grads`` in the dtype and on the device of ``grads``."""
-    return weights.to(dtype=grads.dtype, device=grads.device) @ grads
+    return torch.from_numpy(weights).to(dtype=grads.dtype, device=grads.device) @ grads
 
 
 def cosine_similarity_matrix(gramian: Tensor) -> Tensor:
@@ -218,9 +232,14 @@ def cosine_similarity_matrix(gramian: Tensor) -> Tensor:
     tensor([[ 1., -1.],
             [-1.,  1.]])
     """
-    norms = gramian.diagonal().clamp_min(0).sqrt()
-    outer = norms[:, None] * norms[None, :]
-    return torch.where(outer > 0, gramian / outer.clamp_min(torch.finfo(outer.dtype).tiny), 0)
+    G = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return torch.from_numpy(_cosine_similarity_matrix(G)).to(gramian.dtype)
+
+
+def _cosine_similarity_matrix(G: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.clip(G.diagonal(), 0, None))
+    outer = np.outer(norms, norms)
+    return np.divide(G, outer, out=np.zeros_like(G), where=outer > 0)
 
 
 def conflicting_pairs(gramian: Tensor) -> int:
@@ -233,7 +252,11 @@ def conflicting_pairs(gramian: Tensor) -> int:
     >>> conflicting_pairs(torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, -0.1], [0.5, -0.1, 1.0]]))
     2
     """
-    return int(torch.triu(gramian < 0, diagonal=1).sum())
+    return _conflicting_pairs(gramian.detach().cpu().numpy())
+
+
+def _conflicting_pairs(G: np.ndarray) -> int:
+    return int(np.triu(G < 0, k=1).sum())
 
 
 def gradnorm_targets(weighted_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
