@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from ._distributed import Synchronizer, synchronizer
 from ._engine import AutogradEngine, TaskJacobian, accumulate_grads, as_parameter_list, graph_leaves
 from ._partition import BatchPartitionEngine
 from ._validation import (
@@ -104,6 +106,13 @@ class GradNorm:
         How the per-task gradients are computed. By default one autograd call per task down to
         ``W`` plus one weighted backward; with a :class:`BatchPartitionEngine`, a single
         backward pass gives every task's gradient and their weighted sum.
+    distributed : bool, optional
+        Average the per-task gradients and losses over the processes of ``process_group``
+        (one all-reduce per step), so that the weights, ``L(0)`` and the written gradient are
+        those of the global batch and identical on every process. ``None`` (default): whenever
+        torch.distributed is initialized with more than one process.
+    process_group : torch.distributed.ProcessGroup, optional
+        The group to synchronize over; the default group when ``None``.
 
     Examples
     --------
@@ -132,6 +141,8 @@ class GradNorm:
         parametrization: str = "softmax",
         nonfinite: str = "raise",
         engine: BatchPartitionEngine | None = None,
+        distributed: bool | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.num_tasks = check_num_tasks(num_tasks)
         self.shared_parameters = as_parameter_list(shared_parameters, "shared_parameters")
@@ -145,6 +156,8 @@ class GradNorm:
         self.parametrization = parametrization
         self.nonfinite = check_nonfinite_policy(nonfinite)
         self.engine = engine if engine is not None else AutogradEngine()
+        self.distributed = distributed
+        self.process_group = process_group
         initial = torch.zeros if parametrization == "softmax" else torch.ones
         # The learned tensor: log-weights (softmax) or raw weights (renormalize). Three scalars,
         # so float64 on the CPU costs nothing and keeps the weights exact across devices.
@@ -249,14 +262,21 @@ class GradNorm:
         weighted_backward: bool,
     ) -> GradNormInfo:
         losses = check_losses(losses, self.num_tasks)
-        values = torch.tensor(loss_values(losses), dtype=torch.float64)
-        bad = nonfinite_values(values.tolist())
-        if bad:
-            return self._nonfinite(bad, "loss")
+        values = loss_values(losses)
+        sync = synchronizer(self.distributed, self.process_group)
+        if sync is None:  # alone, refuse early; synchronized, every process decides together
+            bad = nonfinite_values(values)
+            if bad:
+                return self._nonfinite(bad, "loss")
 
         scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
         scaled = losses if grad_scaler is None else [grad_scaler.scale(loss) for loss in losses]
-        full, at_shared = self._jacobians(scaled, weighted_backward)
+        full, at_shared, values = self._jacobians(scaled, values, weighted_backward, sync)
+        if sync is not None:
+            bad = nonfinite_values(values)
+            if bad:
+                return self._nonfinite(bad, "loss")
+        values = torch.tensor(values, dtype=torch.float64)
         unreached = np.flatnonzero(~at_shared.reached.any(axis=1)).tolist()
         if unreached:
             raise ValueError(
@@ -309,20 +329,34 @@ class GradNorm:
         )
 
     def _jacobians(
-        self, losses: list[Tensor], weighted_backward: bool
-    ) -> tuple[_FullJacobian | None, TaskJacobian]:
-        """Per-task gradients at ``W``, and at every parameter when one backward gives them."""
-        if not (weighted_backward and self.engine.single_backward):
+        self,
+        losses: list[Tensor],
+        values: list[float],
+        weighted_backward: bool,
+        sync: Synchronizer | None,
+    ) -> tuple[_FullJacobian | None, TaskJacobian, list[float]]:
+        """Per-task gradients at ``W``, and at every parameter when they are needed anyway.
+
+        Every parameter's per-task gradients are taken when one backward pass gives them all
+        (a single-backward engine), or when they must be synchronized across processes: then
+        the weighted gradient is their combination, and one all-reduce covers everything.
+        """
+        full_needed = weighted_backward and (self.engine.single_backward or sync is not None)
+        if not full_needed:
             at_shared = self.engine.jacobian(losses, self.shared_parameters, retain_graph=True)
-            return None, at_shared
+            if sync is not None:
+                at_shared, values = sync.all_reduce(at_shared, values)
+            return None, at_shared, values
         shared_ids = {id(p) for p in self.shared_parameters}
         others = [p for p in graph_leaves(losses) if id(p) not in shared_ids]
         params = [*self.shared_parameters, *others]  # W first: its columns are a prefix
         full = self.engine.jacobian(losses, params)
+        if sync is not None:
+            full, values = sync.all_reduce(full, values)
         width = sum(p.numel() for p in self.shared_parameters)
         shared_count = len(self.shared_parameters)
         at_shared = TaskJacobian(full.matrix[:, :width], full.reached[:, :shared_count])
-        return _FullJacobian(params, full), at_shared
+        return _FullJacobian(params, full), at_shared, values
 
     def _weighted_backward(
         self,

@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from ._distributed import synchronizer
 from ._engine import AutogradEngine, TaskJacobian, accumulate_grads, as_parameter_list
 from ._partition import BatchPartitionEngine
 from ._validation import (
@@ -168,6 +170,13 @@ class PCGrad(torch.optim.Optimizer):
     engine : BatchPartitionEngine, optional
         How the per-task gradients are computed: one autograd call per task by default, or
         one backward pass over a task-partitioned batch (see :class:`BatchPartitionEngine`).
+    distributed : bool, optional
+        Average the per-task gradients over the processes of ``process_group`` (one
+        all-reduce per step) before the surgery, so every process applies the surgery of the
+        global batch. ``None`` (default): whenever torch.distributed is initialized with more
+        than one process.
+    process_group : torch.distributed.ProcessGroup, optional
+        The group to synchronize over; the default group when ``None``.
 
     Examples
     --------
@@ -195,6 +204,8 @@ class PCGrad(torch.optim.Optimizer):
         num_tasks: int | None = None,
         nonfinite: str = "raise",
         engine: BatchPartitionEngine | None = None,
+        distributed: bool | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         # torch.optim.Optimizer.__init__ is deliberately not called: the wrapper owns no
         # parameters or state of its own, it shares those of the wrapped optimizer.
@@ -213,6 +224,8 @@ class PCGrad(torch.optim.Optimizer):
             else {id(p) for p in as_parameter_list(shared_parameters, "shared_parameters")}
         )
         self.engine = engine if engine is not None else AutogradEngine()
+        self.distributed = distributed
+        self.process_group = process_group
         self.conflict_stats = ConflictStats()
         self._skip_next_step = False
 
@@ -310,14 +323,22 @@ class PCGrad(torch.optim.Optimizer):
         self._skip_next_step = False
         losses = check_losses(losses, self.num_tasks)
         num_tasks = len(losses)
-        bad = nonfinite_values(loss_values(losses))
-        if bad:
-            return self._nonfinite(bad, "loss", num_tasks)
+        values = loss_values(losses)
+        sync = synchronizer(self.distributed, self.process_group)
+        if sync is None:  # alone, refuse early; synchronized, every process decides together
+            bad = nonfinite_values(values)
+            if bad:
+                return self._nonfinite(bad, "loss", num_tasks)
 
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if grad_scaler is not None:
             losses = [grad_scaler.scale(loss) for loss in losses]
         jacobian = self.engine.jacobian(losses, params)
+        if sync is not None:
+            jacobian, values = sync.all_reduce(jacobian, values)
+            bad = nonfinite_values(values)
+            if bad:
+                return self._nonfinite(bad, "loss", num_tasks)
         reached = jacobian.reached
         if not reached.any():
             raise ValueError(
