@@ -55,6 +55,9 @@ class GradNormInfo:
         ``[T]`` ``r_i = L_i(t) / L_i(0)``.
     gradnorm_loss : float
         ``sum_i |G_i - target_i|`` before the update.
+    weight_gradient : Tensor
+        ``[T]`` gradient of the GradNorm loss with respect to the learned vector (the
+        log-weights, or the raw weights with ``parametrization="renormalize"``).
     skipped : bool
         ``True`` when the weights were not updated (a non-finite loss or gradient).
     nonfinite_tasks : tuple of int
@@ -67,6 +70,7 @@ class GradNormInfo:
     targets: Tensor
     loss_ratios: Tensor
     gradnorm_loss: float
+    weight_gradient: Tensor
     skipped: bool = False
     nonfinite_tasks: tuple[int, ...] = ()
 
@@ -158,17 +162,22 @@ class GradNorm:
         self.engine = engine if engine is not None else AutogradEngine()
         self.distributed = distributed
         self.process_group = process_group
-        initial = torch.zeros if parametrization == "softmax" else torch.ones
-        # The learned tensor: log-weights (softmax) or raw weights (renormalize). Three scalars,
-        # so float64 on the CPU costs nothing and keeps the weights exact across devices.
-        self._raw = initial(num_tasks, dtype=torch.float64).requires_grad_()
-        self.optimizer = torch.optim.Adam([self._raw], lr=lr)
+        # The learned vector: log-weights (softmax) or raw weights (renormalize). T scalars:
+        # float64 NumPy keeps them exact and identical across devices and processes.
+        initial = np.zeros if parametrization == "softmax" else np.ones
+        self._raw = initial(num_tasks, dtype=np.float64)
+        self._adam = _Adam(num_tasks, lr=lr)
         self.initial_losses: Tensor | None = None
 
     @property
     def weights(self) -> Tensor:
-        """Current task weights, shape ``[T]``, positive and summing to ``T`` (detached)."""
-        return self._weights().detach()
+        """Current task weights, shape ``[T]``, positive and summing to ``T`` (a copy)."""
+        return torch.from_numpy(self._weights(self._raw))
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the weights' Adam."""
+        return self._adam.lr
 
     def reset(self) -> None:
         """Forget ``L_i(0)``: the next update takes its losses as the new initial losses."""
@@ -201,7 +210,8 @@ class GradNorm:
 
         The weights are those after the update. Equals the reference procedure (GradNorm step,
         second forward pass, weighted backward) without the second forward pass. Like
-        ``loss.backward()`` it accumulates into ``.grad`` and frees the graph.
+        ``loss.backward()`` it accumulates into ``.grad`` of every parameter the losses reach,
+        and frees the graph.
 
         Parameters
         ----------
@@ -218,12 +228,12 @@ class GradNorm:
         return self._update(losses, grad_scaler, weighted_backward=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, ``L(0)`` and the weights' optimizer state."""
+        """Weights, ``L(0)`` and the state of the weights' Adam."""
         return {
             "parametrization": self.parametrization,
-            "raw_weights": self._raw.detach().clone(),
+            "raw_weights": torch.from_numpy(self._raw.copy()),
             "initial_losses": None if self.initial_losses is None else self.initial_losses.clone(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._adam.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -238,21 +248,33 @@ class GradNorm:
             raise ValueError(
                 f"state_dict has {raw.numel()} task weights, expected {self.num_tasks}"
             )
-        with torch.no_grad():
-            self._raw.copy_(raw)
+        self._adam.load_state_dict(state_dict["optimizer"])
+        self._raw = raw.detach().to(torch.float64).numpy().copy()
         initial = state_dict["initial_losses"]
         self.initial_losses = None if initial is None else initial.clone()
-        self.optimizer.load_state_dict(state_dict["optimizer"])
 
     def __repr__(self) -> str:
         weights = ", ".join(f"{w:.3f}" for w in self.weights.tolist())
         return f"GradNorm(num_tasks={self.num_tasks}, alpha={self.alpha}, weights=[{weights}])"
 
     # -- internals ---------------------------------------------------------------------------
-    def _weights(self) -> Tensor:
+    def _weights(self, raw: np.ndarray) -> np.ndarray:
         if self.parametrization == "softmax":
-            return self.num_tasks * torch.softmax(self._raw, dim=0)
-        return self._raw
+            exp = np.exp(raw - raw.max())
+            return self.num_tasks * exp / exp.sum()
+        return raw.copy()
+
+    def _raw_gradient(self, weights: np.ndarray, norms: np.ndarray, targets: np.ndarray):
+        """Gradient of ``sum_i |w_i n_i - target_i|`` with respect to the learned vector.
+
+        ``G_i = w_i n_i`` with ``n_i = ||grad_W L_i||`` independent of ``w``, so the gradient
+        is analytic: no double backward through the network is ever needed.
+        """
+        d_weights = np.sign(weights * norms - targets) * norms
+        if self.parametrization == "renormalize":
+            return d_weights
+        # w = T softmax(theta): dL/dtheta_j = w_j (a_j - sum_i a_i w_i / T), a = dL/dw.
+        return weights * (d_weights - d_weights @ weights / self.num_tasks)
 
     def _update(
         self,
@@ -276,56 +298,58 @@ class GradNorm:
             bad = nonfinite_values(values)
             if bad:
                 return self._nonfinite(bad, "loss")
-        values = torch.tensor(values, dtype=torch.float64)
         unreached = np.flatnonzero(~at_shared.reached.any(axis=1)).tolist()
         if unreached:
             raise ValueError(
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
                 "shared parameters, so GradNorm cannot balance it"
             )
-        norms = at_shared.matrix.norm(dim=1).detach().double().cpu() / scale
-        bad = nonfinite_tasks(norms[:, None])
+        norms = np.array(at_shared.matrix.norm(dim=1).tolist()) / scale
+        bad = nonfinite_values(norms)
+        if not bad and full is not None:
+            bad = nonfinite_tasks(full.jacobian.matrix)  # below W, before anything changes
         if bad:
             if grad_scaler is None or not weighted_backward:
                 return self._nonfinite(bad, "gradient")
             # An fp16 overflow: keep the weights and let the scaler skip this step.
-            self._weighted_backward(scaled, self.weights, full)
+            self._weighted_backward(scaled, self._weights(self._raw), full)
             return self._nonfinite(bad, "gradient", raise_error=False)
 
-        initial_losses = values if self.initial_losses is None else self.initial_losses
+        values = np.array(values)
+        initial = values if self.initial_losses is None else self.initial_losses.numpy()
         # A task whose loss starts at 0 has no training rate; tiny keeps the ratio finite.
-        loss_ratios = values / initial_losses.clamp_min(torch.finfo(torch.float64).tiny)
-        old_weights = self.weights
-        targets = F.gradnorm_targets(old_weights * norms, loss_ratios, self.alpha)
-        snapshot = (self._raw.detach().clone(), copy.deepcopy(self.optimizer.state_dict()))
-
-        # Analytic in w: G_i = w_i * ||grad_W L_i||, so this graph is three scalars deep.
-        self.optimizer.zero_grad()
-        gradnorm_loss = F.gradnorm_loss(self._weights() * norms, targets)
-        gradnorm_loss.backward()
-        self.optimizer.step()
+        loss_ratios = values / np.maximum(initial, np.finfo(np.float64).tiny)
+        old_weights = self._weights(self._raw)
+        weighted_norms = old_weights * norms
+        targets = F.gradnorm_targets(
+            torch.from_numpy(weighted_norms), torch.from_numpy(loss_ratios), self.alpha
+        ).numpy()
+        gradnorm_loss = float(np.abs(weighted_norms - targets).sum())
+        raw_gradient = self._raw_gradient(old_weights, norms, targets)
+        raw, adam = self._adam.step(self._raw, raw_gradient)
         if self.parametrization == "renormalize":
-            with torch.no_grad():
-                self._raw.clamp_(min=1e-8)
-                self._raw.mul_(self.num_tasks / self._raw.sum())
-        new_weights = self.weights
+            raw = np.maximum(raw, 1e-8)
+            raw *= self.num_tasks / raw.sum()
+        new_weights = self._weights(raw)
 
         if weighted_backward:
             try:
                 self._weighted_backward(scaled, new_weights, full, check=grad_scaler is None)
             except NonFiniteError:
-                self._restore(snapshot)
                 if self.nonfinite == "raise":
                     raise
                 return self._nonfinite([], "gradient", raise_error=False)
-        self.initial_losses = initial_losses
+        # Commit only now: a refused call leaves the weights, L(0) and Adam untouched.
+        self._raw, self._adam = raw, adam
+        self.initial_losses = torch.from_numpy(initial)
         return GradNormInfo(
-            weights=new_weights,
-            grad_norms=norms,
-            weighted_grad_norms=old_weights * norms,
-            targets=targets,
-            loss_ratios=loss_ratios,
-            gradnorm_loss=float(gradnorm_loss.detach()),
+            weights=torch.from_numpy(new_weights),
+            grad_norms=torch.from_numpy(norms),
+            weighted_grad_norms=torch.from_numpy(weighted_norms),
+            targets=torch.from_numpy(targets),
+            loss_ratios=torch.from_numpy(loss_ratios),
+            gradnorm_loss=gradnorm_loss,
+            weight_gradient=torch.from_numpy(raw_gradient),
         )
 
     def _jacobians(
@@ -361,7 +385,7 @@ class GradNorm:
     def _weighted_backward(
         self,
         losses: list[Tensor],
-        weights: Tensor,
+        weights: np.ndarray,
         full: _FullJacobian | None,
         *,
         check: bool = False,
@@ -369,29 +393,28 @@ class GradNorm:
         """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
         if full is not None:  # the per-task gradients are all there: no second backward
             matrix = full.jacobian.matrix
-            pieces = (weights.to(matrix) @ matrix).split([p.numel() for p in full.params])
-            hit = np.flatnonzero(full.jacobian.reached.any(axis=0)).tolist()
-            params = [full.params[k] for k in hit]
-            flat = torch.cat([pieces[k] for k in hit])
+            combined = torch.from_numpy(weights).to(matrix) @ matrix
+            hit = np.flatnonzero(full.jacobian.reached.any(axis=0))
+            if len(hit) == len(full.params):
+                params, flat = full.params, combined
+            else:
+                pieces = combined.split([p.numel() for p in full.params])
+                params = [full.params[k] for k in hit]
+                flat = torch.cat([pieces[k] for k in hit])
+            # full.jacobian was checked finite before the weight update: nothing to check.
         else:
-            weights = weights.to(losses[0])
-            weighted = sum(w * loss for w, loss in zip(weights.unbind(), losses, strict=True))
+            weights_t = torch.from_numpy(weights).to(losses[0])
+            weighted = sum(w * loss for w, loss in zip(weights_t.unbind(), losses, strict=True))
             params = graph_leaves(losses)
             grads = torch.autograd.grad(weighted, params, allow_unused=True)
             hit = [k for k, g in enumerate(grads) if g is not None]
             params = [params[k] for k in hit]
             flat = torch.cat([grads[k].reshape(-1) for k in hit])
-        if check and not bool(torch.isfinite(flat).all()):
-            raise NonFiniteError(
-                "the weighted gradient sum_i w_i grad L_i holds NaN or Inf; nothing was changed"
-            )
+            if check and nonfinite_tasks(flat[None]):
+                raise NonFiniteError(
+                    "the weighted gradient sum_i w_i grad L_i holds NaN or Inf; nothing was changed"
+                )
         accumulate_grads(params, flat)
-
-    def _restore(self, snapshot: tuple[Tensor, dict[str, Any]]) -> None:
-        raw, optimizer_state = snapshot
-        with torch.no_grad():
-            self._raw.copy_(raw)
-        self.optimizer.load_state_dict(optimizer_state)
 
     def _nonfinite(self, bad: list[int], what: str, *, raise_error: bool = True) -> GradNormInfo:
         if raise_error and self.nonfinite == "raise":
@@ -399,7 +422,7 @@ class GradNorm:
                 f"the {what} of task(s) {', '.join(map(str, bad))} holds NaN or Inf; nothing was "
                 "changed (pass nonfinite='skip' to skip such steps instead)"
             )
-        nan = torch.full((self.num_tasks,), float("nan"))
+        nan = torch.full((self.num_tasks,), float("nan"), dtype=torch.float64)
         return GradNormInfo(
             weights=self.weights,
             grad_norms=nan,
@@ -407,6 +430,53 @@ class GradNorm:
             targets=nan,
             loss_ratios=nan,
             gradnorm_loss=float("nan"),
+            weight_gradient=nan,
             skipped=True,
             nonfinite_tasks=tuple(bad),
         )
+
+
+class _Adam:
+    """Adam for the task weights, with torch.optim.Adam's exact update (no weight decay).
+
+    Written out because the weights are ``T`` NumPy scalars: a ``torch.optim.Adam`` step costs
+    more than the rest of the GradNorm update. ``step`` returns the new values and a new state
+    instead of mutating, so a refused call can simply drop them.
+    """
+
+    def __init__(
+        self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.lr, self.betas, self.eps = float(lr), betas, eps
+        self.steps = 0
+        self.exp_avg = np.zeros(size)
+        self.exp_avg_sq = np.zeros(size)
+
+    def step(self, param: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, _Adam]:
+        beta1, beta2 = self.betas
+        new = copy.copy(self)
+        new.steps = self.steps + 1
+        new.exp_avg = self.exp_avg + (grad - self.exp_avg) * (1 - beta1)  # torch's lerp
+        new.exp_avg_sq = self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+        bias_correction1 = 1 - beta1**new.steps
+        bias_correction2 = 1 - beta2**new.steps
+        denom = np.sqrt(new.exp_avg_sq) / np.sqrt(bias_correction2) + self.eps
+        return param - (self.lr / bias_correction1) * new.exp_avg / denom, new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "step": self.steps,
+            "exp_avg": torch.from_numpy(self.exp_avg.copy()),
+            "exp_avg_sq": torch.from_numpy(self.exp_avg_sq.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.betas, self.eps = state["lr"], tuple(state["betas"]), state["eps"]
+        self.steps = int(state["step"])
+        self.exp_avg = state["exp_avg"].numpy().copy()
+        self.exp_avg_sq = state["exp_avg_sq"].numpy().copy()

@@ -275,6 +275,104 @@ def _task_grads(
     num_rows = x.shape[0]
     if isinstance(module, nn.Linear):
         dtype = module.weight.dtype
+        x, g = x.to(dtype), grad_output.to(dtype)
+        if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
+            xs = x.reshape(len(sizes), -1, module.in_features)
+            gs = g.reshape(len(sizes), -1, module.out_features)
+            grads = {"weight": gs.transpose(1, 2) @ xs}
+            if module.bias is not None:
+                grads["bias"] = gs.sum(dim=1)
+            return grads
+        x = x.reshape(num_rows, -1, module.in_features)
+        g = g.reshape(num_rows, -1, module.out_features)
+        starts = [sum(sizes[:t]) for t in range(len(sizes))]
+        weight = torch.stack(
+            [
+                g[a : a + n].reshape(-1, module.out_features).T
+                @ x[a : a + n].reshape(-1, module.in_features)
+                for a, n in zip(starts, sizes, strict=True)
+            ]
+        )
+        grads = {"weight": weight}
+        if module.bias is not None:
+            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
+        return grads
+    if isinstance(module, nn.Embedding):
+        return not module.sparse and module.max_norm is None
+    return True
+
+
+def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+
+
+def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
+    if len(set(sizes)) == 1:
+        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
+    out = values.new_zeros(len(sizes), *values.shape[1:])
+    return out.index_add_(0, _task_index(sizes, values.device), values)
+
+
+def _task_grads(
+    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+) -> dict[str, Tensor]:
+    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
+    num_rows = x.shape[0]
+    equal = len(set(sizes)) == 1
+    if isinstance(module, nn.Linear):
+        dtype = module.weight.dtype
+        x = x.to(dtype)
+        g = grad_output.to(dtype)
+        if equal:  # one batched matmul: the same FLOPs as the plain weight gradient
+            xs = x.reshape(len(sizes), -1, module.in_features)
+            gs = g.reshape(len(sizes), -1, module.out_features)
+            grads = {"weight": gs.transpose(1, 2) @ xs}
+            if module.bias is not None:
+                grads["bias"] = gs.sum(dim=1)
+            return grads
+        x = x.reshape(num_rows, -1, module.in_features)
+        g = g.reshape(num_rows, -1, module.out_features)
+        starts = [sum(sizes[:t]) for t in range(len(sizes))]
+        weight = torch.stack(
+            [
+                g[a : a + n].reshape(-1, module.out_features).T
+                @ x[a : a + n].reshape(-1, module.in_features)
+                for a, n in zip(starts, sizes, strict=True)
+            ]
+        )
+        grads = {"weight": weight}
+        if module.bias is not None:
+            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
+        return grads
+    if isinstance(module, nn.Embedding):
+        return not module.sparse and module.max_norm is None
+    return True
+
+
+def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+
+
+def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
+    if len(set(sizes)) == 1:
+        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
+    out = values.new_zeros(len(sizes), *values.shape[1:])
+    return out.index_add_(0, _task_index(sizes, values.device), values)
+
+
+def _task_grads(
+    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+) -> dict[str, Tensor]:
+    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
+    num_rows = x.shape[0]
+    if isinstance(module, nn.Linear):
+        dtype = module.weight.dtype
         x = x.reshape(num_rows, -1, module.in_features).to(dtype)
         g = grad_output.reshape(num_rows, -1, module.out_features).to(dtype)
         if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
@@ -344,7 +442,9 @@ def _assemble(
         else:
             blocks.append(slow_blocks[slow_index[id(p)]])
             reached.append(slow.reached[:, slow_index[id(p)]])
-    reach = np.column_stack([np.broadcast_to(r, (num_tasks,)) for r in reached])
+    reach = np.empty((num_tasks, len(reached)), dtype=bool)
+    for k, r in enumerate(reached):
+        reach[:, k] = r
     return TaskJacobian(torch.cat(blocks, dim=1), reach)
 
 
