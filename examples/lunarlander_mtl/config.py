@@ -1,0 +1,243 @@
+"""Every knob of the study in one typed dataclass, plus the named configurations.
+
+A run is fully described by a `Config`: `train.py` saves it as `config.json` next to the
+run's logs, and `report.py` reads it back. The command line is generated from the fields
+below (`--episodes-per-task 100`, `--double-dqn`, ...), so a new field is a new flag.
+
+Named configurations (`CONFIGS`) are small dicts of overrides on top of the defaults. To add
+one (a Double-DQN variant, a tuned GradNorm alpha, ...), add an entry: nothing else changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    """Hyperparameters of one run (one configuration, one seed)."""
+
+    # --- identity -----------------------------------------------------------------------
+    config_name: str = "shared-aware"
+    """Name of the configuration in `CONFIGS`; also the run's folder name."""
+    seed: int = 0
+    """Seeds network initialisation, exploration, replay sampling and training resets."""
+
+    # --- network ------------------------------------------------------------------------
+    network: str = "aware"
+    """'blind' (state only), 'aware' (state + task embedding) or 'brc' (categorical ResNet)."""
+    task_embedding_dim: int = 8
+    """Size of the learned task embedding (aware: 8, brc: 32); unused by 'blind'."""
+    num_atoms: int = 21
+    """Atoms of the categorical value distribution ('brc' only)."""
+    v_min: float = -300.0
+    """Smallest atom of the categorical support (README: why +-300)."""
+    v_max: float = 300.0
+    """Largest atom."""
+
+    # --- how the task losses become one update ---------------------------------------
+    method: str = "mean"
+    """'mean' (average the task losses), 'pcgrad' or 'gradnorm' (gradsurgery wrappers)."""
+    pcgrad_reduction: str = "mean"
+    """How PCGrad merges the projected task gradients: 'mean' or 'sum'."""
+    gradnorm_alpha: float = 1.5
+    """GradNorm asymmetry: 0 equalises gradient norms, larger favours slow tasks."""
+    gradnorm_lr: float = 0.01
+    """Learning rate of GradNorm's task weights."""
+    gradnorm_layer: str = "fc2"
+    """Name of the shared layer whose gradient norms GradNorm balances."""
+    engine: str = "partition"
+    """Per-task gradients for PCGrad/GradNorm: 'partition' (gs.BatchPartitionEngine: one
+    backward pass split by task) or 'autograd' (one backward per task; same result, slower)."""
+
+    # --- optimisation -------------------------------------------------------------------
+    optimizer: str = "adam"
+    """'adam' or 'adamw'."""
+    lr: float = 5e-4
+    """Learning rate of the Q-network."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (only meaningful with 'adamw')."""
+    max_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    loss: str = "mse"
+    """TD loss of the scalar DQNs: 'mse' or 'huber' (smooth L1, delta 1). 'brc' uses CE."""
+    double_dqn: bool = False
+    """Pick the bootstrap action with the online net and value it with the target net."""
+    gamma: float = 0.99
+    """Discount factor."""
+    batch_size: int = 64
+    """Transitions sampled from EACH task's buffer per update (3 x 64 in all)."""
+    update_every: int = 4
+    """One gradient update every this many environment steps (counted over all tasks)."""
+    target_update_every: int = 10
+    """Copy the online network into the target network every this many episodes (global)."""
+
+    # --- replay -------------------------------------------------------------------------
+    buffer_size: int = 100_000
+    """Total replay capacity, split evenly between the tasks (33,333 each)."""
+    min_replay_size: int = 2_000
+    """No update until EVERY task's buffer holds at least this many transitions."""
+
+    # --- schedule -----------------------------------------------------------------------
+    episodes_per_task: int = 500
+    """Training episodes per task; the tasks take turns (standard, windy, heavy, ...)."""
+    epsilon_start: float = 1.0
+    """Initial exploration rate."""
+    epsilon_decay: float = 0.995
+    """Epsilon is multiplied by this after every episode (all tasks share one epsilon)."""
+    epsilon_min: float = 0.01
+    """Floor of epsilon."""
+    max_episode_steps: int = 0
+    """0 keeps each task's own time limit (1000/400/800); >0 caps all (smoke tests)."""
+
+    # --- evaluation ---------------------------------------------------------------------
+    eval_every: int = 50
+    """Greedy evaluation every this many episodes per task."""
+    eval_episodes: int = 10
+    """Episodes per task of each periodic evaluation."""
+    final_eval_episodes: int = 20
+    """Episodes per task of the final evaluation."""
+    eval_seed: int = 10_000
+    """Evaluation episode i of every run resets with seed eval_seed + i (paired comparison)."""
+
+    # --- bookkeeping --------------------------------------------------------------------
+    runs_dir: str = "runs"
+    """Runs are written to <runs_dir>/<config_name>/seed-<seed>/."""
+    checkpoint_every: int = 1
+    """Checkpoint every this many episodes (1: a kill loses no finished episode)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when `torch.utils.tensorboard` can be imported."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.config_name / f"seed-{self.seed}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Config:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Fields that do not change what is computed: a resumed run may differ in these.
+BOOKKEEPING_FIELDS = ("runs_dir", "tensorboard", "progress")
+
+# The seven configurations of the study. Each entry overrides `Config` defaults.
+CONFIGS: dict[str, dict[str, typing.Any]] = {
+    "shared-blind": dict(network="blind", method="mean"),
+    "shared-aware": dict(network="aware", method="mean"),
+    "pcgrad-blind": dict(network="blind", method="pcgrad"),
+    "pcgrad-aware": dict(network="aware", method="pcgrad"),
+    "gradnorm-blind": dict(network="blind", method="gradnorm"),
+    "gradnorm-aware": dict(network="aware", method="gradnorm"),
+    "brc": dict(
+        network="brc",
+        task_embedding_dim=32,
+        method="mean",
+        optimizer="adamw",
+        lr=2.5e-4,
+        weight_decay=1e-4,
+        max_grad_norm=10.0,
+    ),
+}
+
+# What `train.py` with no arguments runs. Extra entries of CONFIGS stay opt-in.
+STUDY_CONFIGS: tuple[str, ...] = (
+    "shared-blind",
+    "shared-aware",
+    "pcgrad-blind",
+    "pcgrad-aware",
+    "gradnorm-blind",
+    "gradnorm-aware",
+    "brc",
+)
+STUDY_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+BASELINE = "shared-aware"
+
+# `--quick`: every code path (warm-up, updates, target copies, evaluations, checkpoints) in
+# a few seconds per configuration. The numbers mean nothing.
+QUICK_OVERRIDES: dict[str, typing.Any] = dict(
+    episodes_per_task=4,
+    min_replay_size=100,
+    max_episode_steps=150,
+    target_update_every=3,
+    eval_every=2,
+    eval_episodes=2,
+    final_eval_episodes=2,
+)
+
+
+def make_config(name: str, **overrides: typing.Any) -> Config:
+    """Defaults < named configuration < `overrides`."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    return Config(**{**CONFIGS[name], **overrides, "config_name": name})
+
+
+# --- command line generated from the dataclass -------------------------------------------
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(Config)
+    return hints[field.name]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per Config field; defaults are None so only what is typed overrides."""
+    group = parser.add_argument_group("Config fields (override the named configuration)")
+    for field in dataclasses.fields(Config):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = _field_type(field)
+        help_text = f"{FIELD_DOCS.get(field.name, '')} (default: {field.default})"
+        if kind is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            group.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if f.name not in skip and getattr(args, f.name, None) is not None
+    }
+
+
+def _field_docs() -> dict[str, str]:
+    """The attribute docstrings above, read from this file so `--help` shows them."""
+    import ast
+
+    tree = ast.parse(Path(__file__).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    docs, last = {}, None
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif (
+            last
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[last] = " ".join(node.value.value.split())
+            last = None
+        else:
+            last = None
+    return docs
+
+
+FIELD_DOCS = _field_docs()

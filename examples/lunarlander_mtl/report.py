@@ -1,0 +1,403 @@
+"""Turn a runs folder into results.md and plots.
+
+    python examples/lunarlander_mtl/report.py runs/
+
+Reads only `<runs>/<config>/seed-<n>/{config.json, episodes.csv, eval.csv}`, so it works on
+runs copied from elsewhere, and on a study still in progress (runs without a final
+evaluation are listed but left out of the tables; curves use what each run has so far).
+
+The headline number of a run is its final greedy evaluation: the mean return of 20
+episodes per task on the fixed evaluation seeds. Across seeds we report the mean with a
+95% percentile-bootstrap confidence interval (10,000 resamples of the seeds) and the
+interquartile mean (IQM) of the seed x task scores, as rliable recommends for few runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+from config import BASELINE, STUDY_CONFIGS
+from envs import TASK_NAMES
+from evaluate import SUCCESS_RETURN
+
+BOOTSTRAP_SAMPLES = 10_000
+
+
+@dataclass
+class Run:
+    config_name: str
+    seed: int
+    config: dict
+    episodes: dict[str, np.ndarray]  # column -> values (numbers; strings for 'task')
+    evals: dict[str, np.ndarray]
+
+    @property
+    def finished(self) -> bool:
+        return bool((self.evals.get("phase", np.array([])) == "final").any())
+
+    def final_returns(self) -> np.ndarray:
+        """[tasks] mean return of the final evaluation."""
+        final = self.evals["phase"] == "final"
+        return np.array(
+            [self.evals["return"][final & (self.evals["task"] == t)].mean() for t in TASK_NAMES]
+        )
+
+    def final_success(self) -> np.ndarray:
+        final = self.evals["phase"] == "final"
+        return np.array(
+            [
+                (self.evals["return"][final & (self.evals["task"] == t)] >= SUCCESS_RETURN).mean()
+                for t in TASK_NAMES
+            ]
+        )
+
+    def last100_returns(self) -> np.ndarray:
+        return np.array(
+            [self.episodes["return"][self.episodes["task"] == t][-100:].mean() for t in TASK_NAMES]
+        )
+
+
+def read_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        return {name: np.array([]) for name in header}
+    columns = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        try:
+            columns[name] = np.array([float(v) if v != "" else math.nan for v in values])
+        except ValueError:  # a text column such as 'task' or 'phase'
+            columns[name] = np.array(values)
+    return columns
+
+
+def load_runs(runs_dir: str | Path) -> dict[str, list[Run]]:
+    """config name -> its runs, sorted by seed."""
+    runs: dict[str, list[Run]] = {}
+    for config_path in sorted(Path(runs_dir).glob("*/seed-*/config.json")):
+        run_dir = config_path.parent
+        if not (run_dir / "episodes.csv").exists() or not (run_dir / "eval.csv").exists():
+            continue
+        config = json.loads(config_path.read_text())
+        run = Run(
+            config["config_name"],
+            int(config["seed"]),
+            config,
+            read_csv(run_dir / "episodes.csv"),
+            read_csv(run_dir / "eval.csv"),
+        )
+        runs.setdefault(run.config_name, []).append(run)
+    order = [n for n in STUDY_CONFIGS if n in runs] + sorted(set(runs) - set(STUDY_CONFIGS))
+    return {name: sorted(runs[name], key=lambda r: r.seed) for name in order}
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Interquartile mean: the mean of the middle 50% (scipy.stats.trim_mean(x, 0.25))."""
+    values = np.sort(values, axis=axis)
+    n = values.shape[axis]
+    cut = int(0.25 * n)
+    return np.take(values, range(cut, n - cut), axis=axis).mean(axis=axis)
+
+
+def bootstrap_ci(per_seed: np.ndarray, statistic=np.mean, seed: int = 0) -> tuple[float, float]:
+    """95% percentile CI of `statistic` over resampled seeds; per_seed is [seeds, ...]."""
+    n = len(per_seed)
+    idx = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+    resampled = per_seed[idx].reshape(BOOTSTRAP_SAMPLES, -1)
+    stats = statistic(resampled, axis=1)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def curve_band(curves: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and 95% bootstrap band over seeds of curves [seeds, points]."""
+    n = len(curves)
+    idx = np.random.default_rng(seed).integers(0, n, size=(1_000, n))
+    means = curves[idx].mean(axis=1)
+    return (
+        curves.mean(axis=0),
+        np.percentile(means, 2.5, axis=0),
+        np.percentile(means, 97.5, axis=0),
+    )
+
+
+def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` values, ignoring NaN (episodes with no update)."""
+    valid = ~np.isnan(x)
+    sums = np.cumsum(np.where(valid, x, 0.0))
+    counts = np.cumsum(valid)
+    sums[window:] = sums[window:] - sums[:-window]
+    counts[window:] = counts[window:] - counts[:-window]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def stack_prefix(curves: list[np.ndarray]) -> np.ndarray:
+    """[seeds, points], cut to the shortest run (runs still in progress are shorter)."""
+    length = min(len(c) for c in curves)
+    return np.stack([c[:length] for c in curves])
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def fmt_ci(mean: float, ci: tuple[float, float]) -> str:
+    return f"{mean:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def results_markdown(runs: dict[str, list[Run]]) -> str:
+    lines = ["# LunarLander multi-task study: results", ""]
+    finished = {n: [r for r in rs if r.finished] for n, rs in runs.items()}
+    finished = {n: rs for n, rs in finished.items() if rs}
+    pending = [(n, r.seed) for n, rs in runs.items() for r in rs if not r.finished]
+    if pending:
+        lines += [
+            f"Runs without a final evaluation yet (left out of the tables): "
+            f"{', '.join(f'{n}/seed-{s}' for n, s in pending)}.",
+            "",
+        ]
+    if not finished:
+        return "\n".join([*lines, "No finished run yet.", ""])
+
+    any_run = next(iter(finished.values()))[0].config
+    lines += [
+        f"Final greedy evaluation: {any_run['final_eval_episodes']} episodes per task on "
+        f"fixed seeds after {any_run['episodes_per_task']} training episodes per task. "
+        "Mean over seeds [95% bootstrap CI]. IQM: interquartile mean of the seed x task "
+        f"scores. Change: 3-task average against `{BASELINE}`.",
+        "",
+        "| configuration | seeds | "
+        + " | ".join(TASK_NAMES)
+        + " | 3-task average | IQM | change vs "
+        + BASELINE
+        + " |",
+        "|---|---|" + "---|" * (len(TASK_NAMES) + 3),
+    ]
+    averages = {n: np.array([r.final_returns().mean() for r in rs]) for n, rs in finished.items()}
+    baseline = averages[BASELINE].mean() if BASELINE in averages else None
+    for name, rs in finished.items():
+        scores = np.stack([r.final_returns() for r in rs])  # [seeds, tasks]
+        cells = [
+            fmt_ci(scores[:, t].mean(), bootstrap_ci(scores[:, t])) for t in range(len(TASK_NAMES))
+        ]
+        cells.append(fmt_ci(averages[name].mean(), bootstrap_ci(averages[name])))
+        cells.append(fmt_ci(float(iqm(scores.ravel())), bootstrap_ci(scores, iqm)))
+        if baseline is None or baseline == 0:
+            cells.append("n/a")
+        else:
+            cells.append(f"{100 * (averages[name].mean() - baseline) / abs(baseline):+.1f}%")
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+
+    lines += [
+        "",
+        f"Success rate (final evaluation, return >= {SUCCESS_RETURN:.0f}) and the mean "
+        "return of the last 100 training episodes per task (epsilon-greedy), means over seeds.",
+        "",
+        "| configuration | "
+        + " | ".join(f"success {t}" for t in TASK_NAMES)
+        + " | success avg | "
+        + " | ".join(f"last-100 {t}" for t in TASK_NAMES)
+        + " | last-100 avg |",
+        "|---|" + "---|" * (2 * len(TASK_NAMES) + 2),
+    ]
+    for name, rs in finished.items():
+        success = np.stack([r.final_success() for r in rs]).mean(axis=0)
+        last100 = np.stack([r.last100_returns() for r in rs]).mean(axis=0)
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * s:.0f}%" for s in success)
+            + f" | {100 * success.mean():.0f}% | "
+            + " | ".join(f"{v:.1f}" for v in last100)
+            + f" | {last100.mean():.1f} |"
+        )
+
+    signal_lines = []
+    for name, rs in finished.items():
+        method = rs[0].config.get("method")
+        if method == "pcgrad":
+            rate = np.mean([np.nanmean(r.episodes["conflict_rate"]) for r in rs])
+            signal_lines.append(f"| {name} | mean conflict rate over training: {rate:.3f} |")
+        elif method == "gradnorm":
+            cols = [f"weight_{t}" for t in TASK_NAMES]
+            final_w = np.mean([[np.nanmean(r.episodes[c][-30:]) for c in cols] for r in rs], axis=0)
+            text = ", ".join(f"{t} {w:.2f}" for t, w in zip(TASK_NAMES, final_w, strict=True))
+            signal_lines.append(f"| {name} | final task weights (last 30 episodes): {text} |")
+    if signal_lines:
+        lines += [
+            "",
+            "| configuration | method signals (mean over seeds) |",
+            "|---|---|",
+            *signal_lines,
+        ]
+    lines += [
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![training returns](training_curves.png)",
+        "",
+    ]
+    if any(rs[0].config.get("method") == "gradnorm" for rs in runs.values()):
+        lines += ["![GradNorm weights](gradnorm_weights.png)", ""]
+    if any(rs[0].config.get("method") == "pcgrad" for rs in runs.values()):
+        lines += ["![PCGrad conflicts](pcgrad_conflicts.png)", ""]
+    return "\n".join(lines)
+
+
+# --- plots --------------------------------------------------------------------------------
+
+
+def plot_band(ax, x, curves, label, **kwargs):
+    mean, lo, hi = curve_band(curves)
+    (line,) = ax.plot(x, mean, label=label, **kwargs)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def plot_learning_curves(runs: dict[str, list[Run]], path: Path) -> None:
+    """Greedy evaluation return per task against training episodes per task."""
+    fig, axes = plt.subplots(
+        1, len(TASK_NAMES) + 1, figsize=(5 * (len(TASK_NAMES) + 1), 4), sharey=True
+    )
+    for name, rs in runs.items():
+        # The first `eval_episodes` seeds of every evaluation, final included, are the
+        # same episodes: comparing them keeps the curve consistent up to the last point.
+        k = int(rs[0].config["eval_episodes"])
+        per_task = []
+        for t, task in enumerate(TASK_NAMES):
+            curves, xs = [], None
+            for r in rs:
+                e = r.evals
+                if len(e.get("task", [])) == 0:
+                    continue
+                keep = (e["task"] == task) & (e["eval_episode"] < k)
+                x = np.unique(e["episodes_per_task"][keep])
+                curves.append(
+                    np.array([e["return"][keep & (e["episodes_per_task"] == v)].mean() for v in x])
+                )
+                xs = x if xs is None or len(x) < len(xs) else xs
+            if not curves or len(xs) == 0:
+                continue
+            stacked = stack_prefix(curves)
+            per_task.append(stacked)
+            plot_band(axes[t], xs[: stacked.shape[1]], stacked, name)
+        if len(per_task) == len(TASK_NAMES):
+            length = min(p.shape[1] for p in per_task)
+            average = np.mean([p[:, :length] for p in per_task], axis=0)
+            plot_band(axes[-1], xs[:length], average, name)
+    for ax, title in zip(axes, [*TASK_NAMES, "3-task average"], strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("training episodes per task")
+        ax.axhline(SUCCESS_RETURN, color="gray", linestyle=":", linewidth=1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("greedy evaluation return")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(runs: dict[str, list[Run]], path: Path, window: int = 25) -> None:
+    fig, axes = plt.subplots(1, len(TASK_NAMES), figsize=(5 * len(TASK_NAMES), 4), sharey=True)
+    for name, rs in runs.items():
+        for t, task in enumerate(TASK_NAMES):
+            curves = [
+                rolling_mean(r.episodes["return"][r.episodes["task"] == task], window)
+                for r in rs
+                if len(r.episodes.get("return", [])) > 0
+            ]
+            curves = [c for c in curves if len(c)]
+            if curves:
+                stacked = stack_prefix(curves)
+                plot_band(axes[t], np.arange(1, stacked.shape[1] + 1), stacked, name)
+    for ax, task in zip(axes, TASK_NAMES, strict=True):
+        ax.set_title(f"{task} (training, {window}-episode mean)")
+        ax.set_xlabel("training episode of the task")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("episode return")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_signals(
+    runs, path: Path, method: str, columns: list[str], ylabel: str, window: int = 25
+) -> bool:
+    chosen = {n: rs for n, rs in runs.items() if rs[0].config.get("method") == method}
+    if not chosen:
+        return False
+    fig, axes = plt.subplots(
+        1, len(chosen), figsize=(5 * len(chosen), 4), squeeze=False, sharey=True
+    )
+    for ax, (name, rs) in zip(axes[0], chosen.items(), strict=True):
+        for column in columns:
+            curves = [
+                rolling_mean(r.episodes[column], window)
+                for r in rs
+                if len(r.episodes.get(column, [])) > 0
+            ]
+            if curves:
+                stacked = stack_prefix(curves)
+                plot_band(ax, np.arange(1, stacked.shape[1] + 1), stacked, column)
+        ax.set_title(name)
+        ax.set_xlabel("training episode (all tasks)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"{ylabel} ({window}-episode mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    runs_dir = Path(runs_dir)
+    out_dir = Path(out_dir) if out_dir is not None else runs_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(runs_dir)
+    if not runs:
+        raise SystemExit(f"no runs found under {runs_dir}")
+    plot_learning_curves(runs, out_dir / "learning_curves.png")
+    plot_training_curves(runs, out_dir / "training_curves.png")
+    plot_signals(
+        runs,
+        out_dir / "gradnorm_weights.png",
+        "gradnorm",
+        [f"weight_{t}" for t in TASK_NAMES],
+        "GradNorm task weight",
+    )
+    pair_columns = [c for c in next(iter(runs.values()))[0].episodes if c.startswith("cos_")]
+    plot_signals(
+        runs,
+        out_dir / "pcgrad_conflicts.png",
+        "pcgrad",
+        ["conflict_rate", *pair_columns],
+        "conflict rate / cosine",
+    )
+    out = out_dir / "results.md"
+    out.write_text(results_markdown(runs))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs_dir", nargs="?", default="runs", help="folder of runs")
+    parser.add_argument("--out", default=None, help="output folder (default: runs_dir)")
+    args = parser.parse_args()
+    print(write_report(args.runs_dir, args.out))
