@@ -50,6 +50,18 @@ class Synchronizer:
         )
         return reduced, packed[:, -1].tolist()
 
+    def broadcast_generator(self, generator: torch.Generator) -> None:
+        """Give every process the generator state of the group's first process.
+
+        PCGrad's projection orders are random: processes seeded differently would project in
+        different orders and their replicas would drift apart. After this, they draw the same
+        orders for as long as they draw in lockstep.
+        """
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else [0]
+        state = [generator.get_state()]
+        dist.broadcast_object_list(state, src=ranks[0], group=self.group)
+        generator.set_state(state[0])
+
 
 def synchronizer(
     distributed: bool | None, process_group: dist.ProcessGroup | None

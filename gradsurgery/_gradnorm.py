@@ -50,9 +50,10 @@ class GradNormInfo:
     weighted_grad_norms : Tensor
         ``[T]`` ``G_i = w_i ||grad_W L_i||`` with the weights before the update.
     targets : Tensor
-        ``[T]`` target norms ``mean(G) * (r_i / mean(r))^alpha``.
+        ``[T]`` target norms ``mean(G) * r_i^alpha``, with ``r_i`` the relative inverse
+        training rate ``loss_ratios[i] / mean(loss_ratios)``.
     loss_ratios : Tensor
-        ``[T]`` ``r_i = L_i(t) / L_i(0)``.
+        ``[T]`` loss ratios ``L_i(t) / L_i(0)`` (the paper's inverse training rates).
     gradnorm_loss : float
         ``sum_i |G_i - target_i|`` before the update.
     weight_gradient : Tensor
@@ -62,6 +63,20 @@ class GradNormInfo:
         ``True`` when the weights were not updated (a non-finite loss or gradient).
     nonfinite_tasks : tuple of int
         Tasks whose loss or gradient held NaN or Inf.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> gn = gs.GradNorm(num_tasks=2, shared_parameters=[w], alpha=0.0)
+    >>> info = gn.update_weights([(w**2).sum(), 3 * w.sum()])
+    >>> info.grad_norms
+    tensor([4.4721, 4.2426], dtype=torch.float64)
+    >>> info.targets  # alpha = 0: every target is the mean norm
+    tensor([4.3574, 4.3574], dtype=torch.float64)
+    >>> bool(info.weights[0] < 1)  # task 0's norm is above target: its weight goes down
+    True
     """
 
     weights: Tensor
@@ -80,8 +95,9 @@ class GradNorm:
 
     Learns one weight ``w_i`` per task so that the norms ``G_i = ||grad_W (w_i L_i)||`` of the
     weighted task gradients at the shared parameters ``W`` move toward
-    ``mean(G) * (r_i / mean(r))^alpha``, where ``r_i = L_i(t) / L_i(0)`` is task ``i``'s
-    training rate: tasks that learn slower get larger gradients. The GradNorm loss
+    ``mean(G) * r_i^alpha``, where ``r_i = Lt_i / mean(Lt)`` is task ``i``'s relative inverse
+    training rate and ``Lt_i = L_i(t) / L_i(0)`` its loss ratio: tasks that learn slower get
+    larger gradients. The GradNorm loss
     ``sum_i |G_i - target_i|`` moves only the task weights, with an Adam of its own; the
     network is trained on ``sum_i w_i L_i`` by the user's optimizer.
 
@@ -317,7 +333,7 @@ class GradNorm:
 
         values = np.array(values)
         initial = values if self.initial_losses is None else self.initial_losses.numpy()
-        # A task whose loss starts at 0 has no training rate; tiny keeps the ratio finite.
+        # A task whose loss starts at 0 has no loss ratio; tiny keeps the ratio finite.
         loss_ratios = values / np.maximum(initial, np.finfo(np.float64).tiny)
         old_weights = self._weights(self._raw)
         weighted_norms = old_weights * norms

@@ -54,6 +54,18 @@ class PCGradInfo:
         gradients left for a ``GradScaler`` to skip.
     nonfinite_tasks : tuple of int
         Tasks whose loss or gradient held NaN or Inf.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> w = torch.tensor([1.0, 1.0], requires_grad=True)
+    >>> opt = gs.PCGrad(torch.optim.SGD([w], lr=0.1))
+    >>> info = opt.pc_backward([w[0] - w[1], w[1] - w[0] + 0.5 * w.sum()])
+    >>> info.num_conflicts, info.conflict_rate
+    (1, 1.0)
+    >>> info.cosine[0, 1] < 0
+    tensor(True)
     """
 
     __slots__ = ("_gramian", "nonfinite_tasks", "projections", "skipped")
@@ -114,6 +126,17 @@ class ConflictStats:
         Pairs seen, summed over steps.
     pair_conflicts : Tensor or None
         ``[T, T]`` symmetric counts of the steps in which tasks ``i`` and ``j`` conflicted.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> w = torch.tensor([1.0, 1.0], requires_grad=True)
+    >>> opt = gs.PCGrad(torch.optim.SGD([w], lr=0.1))
+    >>> for _ in range(2):
+    ...     _ = opt.pc_backward([w[0] - w[1], w[1] - w[0] + 0.5 * w.sum()])
+    >>> opt.conflict_stats.steps, opt.conflict_stats.conflict_rate
+    (2, 1.0)
     """
 
     steps: int = 0
@@ -127,7 +150,7 @@ class ConflictStats:
         return self.conflicting_pairs / self.pairs if self.pairs else 0.0
 
     def update(self, gramian: np.ndarray) -> None:
-        """Count the conflicts of one step's ``[T, T]`` Gramian."""
+        """Count the conflicts of one step's ``[T, T]`` Gramian (called by PCGrad)."""
         conflicts = gramian < 0
         np.fill_diagonal(conflicts, False)
         num_tasks = gramian.shape[0]
@@ -176,7 +199,9 @@ class PCGrad(torch.optim.Optimizer):
         global batch. ``None`` (default): whenever torch.distributed is initialized with more
         than one process.
     process_group : torch.distributed.ProcessGroup, optional
-        The group to synchronize over; the default group when ``None``.
+        The group to synchronize over; the default group when ``None``. At the first
+        synchronized step every process takes the generator state of the group's first
+        process, so all of them draw the same projection orders.
 
     Examples
     --------
@@ -228,6 +253,7 @@ class PCGrad(torch.optim.Optimizer):
         self.process_group = process_group
         self.conflict_stats = ConflictStats()
         self._skip_next_step = False
+        self._generator_shared = False  # across processes, once synchronized
 
     # -- the torch.optim.Optimizer protocol, delegated to the wrapped optimizer --------------
     @property
@@ -258,9 +284,11 @@ class PCGrad(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        """Register a hook run before each step of the wrapped optimizer."""
         return self.optimizer.register_step_pre_hook(hook)
 
     def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        """Register a hook run after each step of the wrapped optimizer."""
         return self.optimizer.register_step_post_hook(hook)
 
     def state_dict(self) -> dict[str, Any]:
@@ -285,6 +313,7 @@ class PCGrad(torch.optim.Optimizer):
             raise KeyError(f"not a PCGrad state_dict: missing {sorted(missing)}")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.generator.set_state(state_dict["generator"])
+        self._generator_shared = False  # processes may have loaded different checkpoints
         self.num_tasks = state_dict["num_tasks"]
         self.conflict_stats = ConflictStats(**state_dict["conflict_stats"])
 
@@ -336,6 +365,9 @@ class PCGrad(torch.optim.Optimizer):
         jacobian = self.engine.jacobian(losses, params)
         if sync is not None:
             jacobian, values = sync.all_reduce(jacobian, values)
+            if not self._generator_shared:
+                sync.broadcast_generator(self.generator)
+                self._generator_shared = True
             bad = nonfinite_values(values)
             if bad:
                 return self._nonfinite(bad, "loss", num_tasks)

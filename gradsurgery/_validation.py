@@ -21,6 +21,20 @@ class NonFiniteError(ValueError):
 
     Raised by :class:`~gradsurgery.PCGrad` and :class:`~gradsurgery.GradNorm` with the default
     ``nonfinite="raise"``; nothing is changed when it is raised.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> opt = gs.PCGrad(torch.optim.SGD([w], lr=0.1))
+    >>> try:
+    ...     opt.pc_backward([w.sum(), w.sum() * float("nan")])
+    ... except gs.NonFiniteError as error:
+    ...     print(str(error).split(";")[0])
+    the loss of task(s) 1 holds NaN or Inf
+    >>> w.grad is None
+    True
     """
 
 

@@ -260,14 +260,16 @@ def _conflicting_pairs(G: np.ndarray) -> int:
 
 
 def gradnorm_targets(weighted_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
-    """GradNorm's target norms ``mean(G) * (r_i / mean(r))^alpha`` (Chen et al. 2018, eq. 2).
+    """GradNorm's target norms ``mean(G) * r_i^alpha`` (Chen et al. 2018, eq. 2).
+
+    ``r_i = loss_ratios[i] / mean(loss_ratios)`` is task ``i``'s relative inverse training rate.
 
     Parameters
     ----------
     weighted_norms : Tensor
         ``G_i = ||grad_W (w_i L_i)||``, shape ``[T]``.
     loss_ratios : Tensor
-        ``r_i = L_i(t) / L_i(0)``, shape ``[T]``.
+        Loss ratios ``L_i(t) / L_i(0)``, shape ``[T]``.
     alpha : float
         Asymmetry; ``0`` makes every target the mean norm.
 

@@ -50,10 +50,11 @@ def local_losses(model: MultiHead, step: int, rank: int, world: int) -> list[tor
     ]
 
 
-def make_wrapper(method: str, model: MultiHead):
+def make_wrapper(method: str, model: MultiHead, rank: int):
     if method == "pcgrad":
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        return gs.PCGrad(optimizer, generator=torch.Generator().manual_seed(0)), optimizer
+        # Seeded differently on purpose: PCGrad gives every process rank 0's generator.
+        return gs.PCGrad(optimizer, generator=torch.Generator().manual_seed(rank)), optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return gs.GradNorm(3, model.body[2], lr=0.1), optimizer
 
@@ -62,7 +63,7 @@ def train(method: str, rank: int, world: int, nan_at: int | None = None) -> dict
     torch.manual_seed(0)
     model = MultiHead()
     ddp = DistributedDataParallel(model) if world > 1 else None  # as users run it
-    wrapper, optimizer = make_wrapper(method, model)
+    wrapper, optimizer = make_wrapper(method, model, rank)
     errors = []
     for step in range(STEPS):
         losses = local_losses(model, step, rank, world)
