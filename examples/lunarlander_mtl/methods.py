@@ -77,8 +77,15 @@ def make_method(cfg: Config, q_net: nn.Module) -> Method:
         # PCGrad visits the other tasks in random order; its own generator makes that
         # order reproducible and is saved in its state_dict (so resume is exact).
         generator = torch.Generator().manual_seed(cfg.seed)
+        shared = None  # default: every parameter all three tasks reach, embedding included
+        if not cfg.surgery_on_embedding:
+            shared = [p for n, p in q_net.named_parameters() if not n.startswith("task_embedding")]
         pcgrad = gs.PCGrad(
-            optimizer, reduction=cfg.pcgrad_reduction, generator=generator, engine=engine
+            optimizer,
+            reduction=cfg.pcgrad_reduction,
+            generator=generator,
+            shared_parameters=shared,
+            engine=engine,
         )
         return Method("pcgrad", pcgrad, engine=engine)
     if cfg.method == "gradnorm":

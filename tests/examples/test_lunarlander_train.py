@@ -188,3 +188,45 @@ def test_partition_engine_gives_the_same_updates(tmp_path, name):
         assert (a == "") == (b == "")
         if a:
             assert float(b) == pytest.approx(float(a), rel=1e-4, abs=1e-6)
+
+
+EXTRA_CONFIGS = sorted(set(CONFIGS) - set(STUDY_CONFIGS))
+
+
+@pytest.mark.parametrize("name", EXTRA_CONFIGS)
+def test_extra_configurations_run(tmp_path, name):
+    cfg = make_config(
+        name, runs_dir=str(tmp_path), progress=False, tensorboard=False, **QUICK_OVERRIDES
+    )
+    summary = train.train(cfg)
+    assert np.isfinite(summary["final_return_avg"])
+    learned = [r for r in read_rows(cfg.run_dir / "episodes.csv") if int(r["updates"]) > 0]
+    assert learned and all(np.isfinite(float(r["loss"])) for r in learned)
+
+
+def test_embedding_left_out_of_the_surgery_gets_its_plain_gradient():
+    from methods import make_method
+    from networks import make_network
+
+    cfg = make_config("pcgrad-aware-no-embedding-surgery")
+    torch.manual_seed(0)
+    q_net = make_network(cfg)
+    method = make_method(cfg, q_net)
+    obs = torch.randn(6, 8)
+    task_ids = torch.arange(3).repeat_interleave(2)
+    with method.recording(2):
+        q = q_net(obs, task_ids)
+    # opposite targets: the tasks' gradients conflict on the shared layers
+    losses = [(q[2 * t : 2 * t + 2] - (1.0 if t % 2 else -1.0)).pow(2).mean() for t in range(3)]
+    method.optimizer.zero_grad()
+    info = method.optimizer.pc_backward(losses)
+    assert info.num_conflicts > 0
+    embedding = q_net.task_embedding.weight
+    plain = [
+        torch.autograd.grad(
+            (q_net(obs, task_ids)[2 * t : 2 * t + 2] - (1.0 if t % 2 else -1.0)).pow(2).mean(),
+            embedding,
+        )[0]
+        for t in range(3)
+    ]
+    torch.testing.assert_close(embedding.grad, sum(plain) / 3)
