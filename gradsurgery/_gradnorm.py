@@ -492,6 +492,12 @@ class _Adam:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"lr", "betas", "eps", "step", "exp_avg", "exp_avg_sq"} - state.keys()
+        if missing:
+            raise ValueError(
+                f"not a GradNorm weight-optimizer state (missing {sorted(missing)}): was it "
+                "saved by another version of gradsurgery?"
+            )
         self.lr, self.betas, self.eps = state["lr"], tuple(state["betas"]), state["eps"]
         self.steps = int(state["step"])
         self.exp_avg = state["exp_avg"].numpy().copy()
