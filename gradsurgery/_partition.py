@@ -222,176 +222,9 @@ def _task_grads(
     module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
 ) -> dict[str, Tensor]:
     """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
-    num_rows = x.shape[0]
-    equal = len(set(sizes)) == 1
     if isinstance(module, nn.Linear):
-        dtype = module.weight.dtype
-        x = x.to(dtype)
-        g = grad_output.to(dtype)
-        if equal:  # one batched matmul: the same FLOPs as the plain weight gradient
-            xs = x.reshape(len(sizes), -1, module.in_features)
-            gs = g.reshape(len(sizes), -1, module.out_features)
-            grads = {"weight": gs.transpose(1, 2) @ xs}
-            if module.bias is not None:
-                grads["bias"] = gs.sum(dim=1)
-            return grads
-        x = x.reshape(num_rows, -1, module.in_features)
-        g = g.reshape(num_rows, -1, module.out_features)
-        starts = [sum(sizes[:t]) for t in range(len(sizes))]
-        weight = torch.stack(
-            [
-                g[a : a + n].reshape(-1, module.out_features).T
-                @ x[a : a + n].reshape(-1, module.in_features)
-                for a, n in zip(starts, sizes, strict=True)
-            ]
-        )
-        grads = {"weight": weight}
-        if module.bias is not None:
-            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
-        return grads
-    if isinstance(module, nn.Embedding):
-        return not module.sparse and module.max_norm is None
-    return True
-
-
-def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
-    return torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
-    )
-
-
-def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
-    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
-    if len(set(sizes)) == 1:
-        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
-    out = values.new_zeros(len(sizes), *values.shape[1:])
-    return out.index_add_(0, _task_index(sizes, values.device), values)
-
-
-def _task_grads(
-    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
-) -> dict[str, Tensor]:
-    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
+        return _linear_task_grads(module, x, grad_output, sizes)
     num_rows = x.shape[0]
-    if isinstance(module, nn.Linear):
-        dtype = module.weight.dtype
-        x, g = x.to(dtype), grad_output.to(dtype)
-        if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
-            xs = x.reshape(len(sizes), -1, module.in_features)
-            gs = g.reshape(len(sizes), -1, module.out_features)
-            grads = {"weight": gs.transpose(1, 2) @ xs}
-            if module.bias is not None:
-                grads["bias"] = gs.sum(dim=1)
-            return grads
-        x = x.reshape(num_rows, -1, module.in_features)
-        g = g.reshape(num_rows, -1, module.out_features)
-        starts = [sum(sizes[:t]) for t in range(len(sizes))]
-        weight = torch.stack(
-            [
-                g[a : a + n].reshape(-1, module.out_features).T
-                @ x[a : a + n].reshape(-1, module.in_features)
-                for a, n in zip(starts, sizes, strict=True)
-            ]
-        )
-        grads = {"weight": weight}
-        if module.bias is not None:
-            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
-        return grads
-    if isinstance(module, nn.Embedding):
-        return not module.sparse and module.max_norm is None
-    return True
-
-
-def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
-    return torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
-    )
-
-
-def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
-    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
-    if len(set(sizes)) == 1:
-        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
-    out = values.new_zeros(len(sizes), *values.shape[1:])
-    return out.index_add_(0, _task_index(sizes, values.device), values)
-
-
-def _task_grads(
-    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
-) -> dict[str, Tensor]:
-    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
-    num_rows = x.shape[0]
-    equal = len(set(sizes)) == 1
-    if isinstance(module, nn.Linear):
-        dtype = module.weight.dtype
-        x = x.to(dtype)
-        g = grad_output.to(dtype)
-        if equal:  # one batched matmul: the same FLOPs as the plain weight gradient
-            xs = x.reshape(len(sizes), -1, module.in_features)
-            gs = g.reshape(len(sizes), -1, module.out_features)
-            grads = {"weight": gs.transpose(1, 2) @ xs}
-            if module.bias is not None:
-                grads["bias"] = gs.sum(dim=1)
-            return grads
-        x = x.reshape(num_rows, -1, module.in_features)
-        g = g.reshape(num_rows, -1, module.out_features)
-        starts = [sum(sizes[:t]) for t in range(len(sizes))]
-        weight = torch.stack(
-            [
-                g[a : a + n].reshape(-1, module.out_features).T
-                @ x[a : a + n].reshape(-1, module.in_features)
-                for a, n in zip(starts, sizes, strict=True)
-            ]
-        )
-        grads = {"weight": weight}
-        if module.bias is not None:
-            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
-        return grads
-    if isinstance(module, nn.Embedding):
-        return not module.sparse and module.max_norm is None
-    return True
-
-
-def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
-    return torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
-    )
-
-
-def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
-    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
-    if len(set(sizes)) == 1:
-        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
-    out = values.new_zeros(len(sizes), *values.shape[1:])
-    return out.index_add_(0, _task_index(sizes, values.device), values)
-
-
-def _task_grads(
-    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
-) -> dict[str, Tensor]:
-    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
-    num_rows = x.shape[0]
-    if isinstance(module, nn.Linear):
-        dtype = module.weight.dtype
-        x = x.reshape(num_rows, -1, module.in_features).to(dtype)
-        g = grad_output.reshape(num_rows, -1, module.out_features).to(dtype)
-        if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
-            xs = x.reshape(len(sizes), -1, module.in_features)
-            gs = g.reshape(len(sizes), -1, module.out_features)
-            weight = gs.transpose(1, 2) @ xs
-        else:
-            starts = [sum(sizes[:t]) for t in range(len(sizes))]
-            weight = torch.stack(
-                [
-                    g[a : a + n].reshape(-1, module.out_features).T
-                    @ x[a : a + n].reshape(-1, module.in_features)
-                    for a, n in zip(starts, sizes, strict=True)
-                ]
-            )
-        grads = {"weight": weight}
-        if module.bias is not None:
-            grads["bias"] = _task_sums(g.sum(dim=1), sizes)
-        return grads
     if isinstance(module, nn.Embedding):
         dim, rows = module.embedding_dim, module.num_embeddings
         g = grad_output.reshape(num_rows, -1, dim).to(module.weight.dtype)
@@ -417,6 +250,35 @@ def _task_grads(
             grads["bias"] = _task_sums(g.sum(dim=1), sizes).to(module.bias.dtype)
         return grads
     raise AssertionError(f"unsupported layer {type(module).__name__}")
+
+
+def _linear_task_grads(
+    module: nn.Linear, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+) -> dict[str, Tensor]:
+    """``W_t = sum over task t's rows of g x^T``, ``b_t = sum of g`` (extra dims summed too)."""
+    dtype = module.weight.dtype
+    x, g = x.to(dtype), grad_output.to(dtype)
+    if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
+        xs = x.reshape(len(sizes), -1, module.in_features)
+        gs = g.reshape(len(sizes), -1, module.out_features)
+        grads = {"weight": gs.transpose(1, 2) @ xs}
+        if module.bias is not None:
+            grads["bias"] = gs.sum(dim=1)
+        return grads
+    x = x.reshape(x.shape[0], -1, module.in_features)
+    g = g.reshape(g.shape[0], -1, module.out_features)
+    starts = [sum(sizes[:t]) for t in range(len(sizes))]
+    weight = torch.stack(
+        [
+            g[a : a + n].reshape(-1, module.out_features).T
+            @ x[a : a + n].reshape(-1, module.in_features)
+            for a, n in zip(starts, sizes, strict=True)
+        ]
+    )
+    grads = {"weight": weight}
+    if module.bias is not None:
+        grads["bias"] = _task_sums(g.sum(dim=1), sizes)
+    return grads
 
 
 def _assemble(
