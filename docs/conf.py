@@ -34,6 +34,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax shipped with the site: formulas render offline too
     "sphinx.ext.viewcode",
     "myst_parser",
     "matplotlib.sphinxext.plot_directive",
