@@ -81,3 +81,14 @@ def test_tensorboard_logging_when_available(tmp_path, monkeypatch):
     train.train(cfg)
     tags = {tag for tag, _, _ in scalars}
     assert {"train/standard/return", "train/conflict_rate", "eval/final/return_avg"} <= tags
+
+
+def test_report_sets_the_reference_beside_our_results(two_configs):
+    text = report.write_report(two_configs).read_text()
+    section = text.split("## Against the reference study")[1].split("\n\n")[2]  # the table
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()[2:]}
+    assert "202.9" in rows["shared-aware"] and "baseline" in rows["shared-aware"]
+    assert "220.3" in rows["gradnorm-blind"] and "+8.6%" in rows["gradnorm-blind"]
+    assert "*146.1*" in rows["pcgrad-blind"] and "not run" in rows["pcgrad-blind"]
+    assert "weights near 1.64 / 1.21 / 0.15" in rows["gradnorm-blind"]
+    assert rows["gradnorm-blind"].count(" | ") == 9
