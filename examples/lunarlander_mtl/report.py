@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -469,11 +470,39 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     return out
 
 
+RAW_FILES = ("config.json", "episodes.csv", "eval.csv")
+
+
+def collect(runs_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the raw files of every finished run (no checkpoints) to `dest/<config>/seed-<n>/`."""
+    copied = []
+    for name, runs in load_runs(runs_dir).items():
+        for run in runs:
+            if not run.finished:
+                continue
+            target = Path(dest) / name / f"seed-{run.seed}"
+            target.mkdir(parents=True, exist_ok=True)
+            for file in RAW_FILES:
+                shutil.copyfile(Path(runs_dir) / name / f"seed-{run.seed}" / file, target / file)
+            copied.append(target)
+    return copied
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("runs_dir", nargs="?", default="runs", help="folder of runs")
     parser.add_argument("--out", default=None, help="output folder (default: runs_dir)")
+    parser.add_argument(
+        "--collect",
+        metavar="DEST",
+        default=None,
+        help="instead of reporting, copy the raw files of the finished runs to DEST",
+    )
     args = parser.parse_args()
-    print(write_report(args.runs_dir, args.out))
+    if args.collect:
+        for target in collect(args.runs_dir, args.collect):
+            print(target)
+    else:
+        print(write_report(args.runs_dir, args.out))
