@@ -140,18 +140,15 @@ class BatchPartitionEngine:
         reference = task_jacobian(losses, params, retain_graph=True) if self.verify else None
         calls, self._calls = self._calls, {}
         unrecorded, self._unrecorded = self._unrecorded, set()
+        requested = {id(p) for p in params}
         fast = {
             module: module_calls
             for module, module_calls in calls.items()
             if module not in unrecorded
             and _fast_path_applies(module)
             and all(call.input.shape[0] == sum(sizes) for call in module_calls)
+            and any(id(p) in requested for _, p in self._owned[module])
         }
-        owner = {id(p): (module, name) for module in fast for name, p in self._owned[module]}
-        slow_params = [p for p in params if id(p) not in owner]
-        # Slow parameters first, while the graph is whole; the single backward frees it.
-        slow = task_jacobian(losses, slow_params, retain_graph=True) if slow_params else None
-
         if unrecorded & calls.keys():
             names = {module: name for name, module in self.model.named_modules()}
             warnings.warn(
@@ -163,6 +160,24 @@ class BatchPartitionEngine:
                 "their parameters took the slow per-task path this step",
                 stacklevel=3,
             )
+
+        # The result is written in place, block by block: peak memory is the [T, P] matrix
+        # plus one layer's per-task gradients, not two copies of the matrix.
+        num_tasks, numels = len(losses), [p.numel() for p in params]
+        first = params[0]
+        matrix = first.new_empty(num_tasks, sum(numels))
+        blocks = dict(zip(map(id, params), matrix.split(numels, dim=1), strict=True))
+        column = {id(p): k for k, p in enumerate(params)}
+        reached = np.zeros((num_tasks, len(params)), dtype=bool)
+        owned = {id(p) for module in fast for _, p in self._owned[module]}
+        slow_params = [p for p in params if id(p) not in owned]
+        if slow_params:  # first, while the graph is whole; the single backward frees it
+            slow = task_jacobian(losses, slow_params, retain_graph=True)
+            slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1)
+            for k, (p, block) in enumerate(zip(slow_params, slow_blocks, strict=True)):
+                blocks[id(p)].copy_(block)
+                reached[:, column[id(p)]] = slow.reached[:, k]
+
         outputs = [call.output for module_calls in fast.values() for call in module_calls]
         grads: Sequence[Tensor | None] = ()
         if outputs:
@@ -171,16 +186,25 @@ class BatchPartitionEngine:
                 total, outputs, retain_graph=retain_graph, allow_unused=True
             )
         output_grads = iter(grads)
-        per_task: dict[tuple[nn.Module, str], Tensor] = {}
         for module, module_calls in fast.items():
             for call in module_calls:
                 grad_output = next(output_grads)
                 if grad_output is None:
                     continue
                 for name, grad in _task_grads(module, call.input, grad_output, sizes).items():
-                    key = (module, name)
-                    per_task[key] = per_task[key] + grad if key in per_task else grad
-        jacobian = _assemble(params, len(losses), owner, per_task, slow_params, slow)
+                    p = getattr(module, name)
+                    if id(p) not in requested:
+                        continue
+                    k = column[id(p)]
+                    if reached[0, k]:  # a second call of the same layer adds to the first
+                        blocks[id(p)].add_(grad.reshape(num_tasks, -1))
+                    else:
+                        blocks[id(p)].copy_(grad.reshape(num_tasks, -1))
+                        reached[:, k] = True
+        for p in params:  # fast-path layers the losses never reached
+            if id(p) in owned and not reached[0, column[id(p)]]:
+                blocks[id(p)].zero_()
+        jacobian = TaskJacobian(matrix, reached)
         if reference is not None:
             _check_agreement(jacobian, reference)
         return jacobian
@@ -279,35 +303,6 @@ def _linear_task_grads(
     if module.bias is not None:
         grads["bias"] = _task_sums(g.sum(dim=1), sizes)
     return grads
-
-
-def _assemble(
-    params: Sequence[Tensor],
-    num_tasks: int,
-    owner: dict[int, tuple[nn.Module, str]],
-    per_task: dict[tuple[nn.Module, str], Tensor],
-    slow_params: list[Tensor],
-    slow: TaskJacobian | None,
-) -> TaskJacobian:
-    """Concatenate the fast and slow per-task gradients in the order of ``params``."""
-    slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1) if slow else ()
-    slow_index = {id(p): k for k, p in enumerate(slow_params)}
-    blocks, reached = [], []
-    for p in params:
-        if id(p) in owner:
-            grad = per_task.get(owner[id(p)])
-            if grad is None:  # the losses do not reach this layer
-                blocks.append(p.new_zeros(num_tasks, p.numel()))
-            else:
-                blocks.append(grad.reshape(num_tasks, -1))
-            reached.append(grad is not None)
-        else:
-            blocks.append(slow_blocks[slow_index[id(p)]])
-            reached.append(slow.reached[:, slow_index[id(p)]])
-    reach = np.empty((num_tasks, len(reached)), dtype=bool)
-    for k, r in enumerate(reached):
-        reach[:, k] = r
-    return TaskJacobian(torch.cat(blocks, dim=1), reach)
 
 
 def _check_agreement(fast: TaskJacobian, reference: TaskJacobian) -> None:
