@@ -1,0 +1,221 @@
+"""One full training step per method: forward, gradient combination, optimizer step.
+
+Every method gets its own copy of the model (same initial weights) and its own Adam, so no
+method's optimizer state or hooks touch another's. The steps cycle through the same fixed
+batches. Adam is ``fused=True``, as in the LunarLander example: the cheaper the optimizer
+step, the larger (stricter) the ratios to the plain step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import gradsurgery as gs
+
+from baselines import (
+    ReferenceGradNorm,
+    StraightforwardPCGrad,
+    TorchjdAutogramPCGrad,
+    TorchjdAutojacPCGrad,
+    torchjd_version,
+)
+from models import Batch, task_losses
+
+LR = 5e-4
+GRADNORM_ALPHA = 1.5
+GRADNORM_LR = 0.01
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A benchmarked method: its key in the JSON, its label in the tables, what builds it."""
+
+    key: str
+    label: str
+    build: Callable[[nn.Module, list[Batch]], Step]
+    needs: str = ""  # "fast" (gradsurgery's fast engine) or "torchjd"; "" always available
+
+
+def fast_engine_available() -> bool:
+    """Whether this gradsurgery has the batch-partition engine (the fast path)."""
+    return hasattr(gs, "BatchPartitionEngine")
+
+
+def _cycle(batches: list[Batch]) -> Callable[[], Batch]:
+    index = 0
+
+    def next_batch() -> Batch:
+        nonlocal index
+        index = (index + 1) % len(batches)
+        return batches[index]
+
+    return next_batch
+
+
+def _adam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+
+
+def plain(model: nn.Module, batches: list[Batch]) -> Step:
+    """The reference: mean of the task losses, one backward."""
+    optimizer, next_batch = _adam(model), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        losses = task_losses(model, next_batch())
+        (sum(losses) / len(losses)).backward()
+        optimizer.step()
+
+    return step
+
+
+def _losses_fn(model: nn.Module, fast: bool) -> tuple[Callable[[Batch], list], dict]:
+    """How a gradsurgery step computes its losses, and the ``engine=`` option to pass.
+
+    With the batch-partition engine the forward pass runs inside ``engine.record(task_sizes)``,
+    which tells the engine which rows belong to which task.
+    """
+    if not fast:
+        return (lambda batch: task_losses(model, batch)), {}
+    engine = gs.BatchPartitionEngine(model)
+
+    def recorded_losses(batch: Batch) -> list[torch.Tensor]:
+        with engine.record(task_sizes=batch.task_sizes):
+            return task_losses(model, batch)
+
+    return recorded_losses, {"engine": engine}
+
+
+def gs_pcgrad(model: nn.Module, batches: list[Batch], fast: bool = False) -> Step:
+    """gradsurgery's PCGrad, default (per-task autograd) engine or the batch-partition one."""
+    losses, options = _losses_fn(model, fast)
+    optimizer, next_batch = gs.PCGrad(_adam(model), **options), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        optimizer.pc_backward(losses(next_batch()))
+        optimizer.step()
+
+    return step
+
+
+def gs_gradnorm(model: nn.Module, batches: list[Batch], fast: bool = False) -> Step:
+    """gradsurgery's GradNorm balancing the norms at ``fc2``; one forward, no double backward."""
+    num_tasks = len(batches[0].task_sizes)
+    losses, options = _losses_fn(model, fast)
+    optimizer, next_batch = _adam(model), _cycle(batches)
+    gradnorm = gs.GradNorm(num_tasks, model.fc2, alpha=GRADNORM_ALPHA, lr=GRADNORM_LR, **options)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        gradnorm.backward(losses(next_batch()))
+        optimizer.step()
+
+    return step
+
+
+def straightforward_pcgrad(model: nn.Module, batches: list[Batch]) -> Step:
+    """BASELINE: one retained backward per task and a Python loop of projections."""
+    optimizer, next_batch = StraightforwardPCGrad(_adam(model)), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        optimizer.pc_backward(task_losses(model, next_batch()))
+        optimizer.step()
+
+    return step
+
+
+def reference_gradnorm(model: nn.Module, batches: list[Batch]) -> Step:
+    """BASELINE: the reference study's GradNorm (double backward, second forward pass)."""
+    num_tasks = len(batches[0].task_sizes)
+    optimizer, next_batch = _adam(model), _cycle(batches)
+    gradnorm = ReferenceGradNorm(num_tasks, model.fc2, alpha=GRADNORM_ALPHA, lr=GRADNORM_LR)
+
+    def step() -> None:
+        batch = next_batch()
+        optimizer.zero_grad()
+        gradnorm.update_weights(task_losses(model, batch), optimizer)
+        gradnorm.weighted_loss(task_losses(model, batch)).backward()  # second forward
+        optimizer.step()
+
+    return step
+
+
+def torchjd_pcgrad(model: nn.Module, batches: list[Batch], autogram: bool = False) -> Step:
+    """BASELINE: torchjd's PCGrad aggregator (autojac) or weighting (autogram engine)."""
+    combine = TorchjdAutogramPCGrad(model) if autogram else TorchjdAutojacPCGrad(model)
+    optimizer, next_batch = _adam(model), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        combine.backward(task_losses(model, next_batch()))
+        optimizer.step()
+
+    return step
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.key: spec
+    for spec in [
+        MethodSpec("plain", "plain (mean loss, one backward)", plain),
+        MethodSpec("gs-pcgrad", "gradsurgery PCGrad, default engine", gs_pcgrad),
+        MethodSpec(
+            "gs-pcgrad-fast",
+            "gradsurgery PCGrad, batch-partition engine",
+            lambda m, b: gs_pcgrad(m, b, fast=True),
+            needs="fast",
+        ),
+        MethodSpec("gs-gradnorm", "gradsurgery GradNorm, default engine", gs_gradnorm),
+        MethodSpec(
+            "gs-gradnorm-fast",
+            "gradsurgery GradNorm, batch-partition engine",
+            lambda m, b: gs_gradnorm(m, b, fast=True),
+            needs="fast",
+        ),
+        MethodSpec(
+            "straightforward-pcgrad",
+            "baseline: straightforward PCGrad (loop)",
+            straightforward_pcgrad,
+        ),
+        MethodSpec(
+            "reference-gradnorm",
+            "baseline: GradNorm the reference study's way",
+            reference_gradnorm,
+        ),
+        MethodSpec(
+            "torchjd-pcgrad",
+            "baseline: torchjd PCGrad (autojac)",
+            torchjd_pcgrad,
+            needs="torchjd",
+        ),
+        MethodSpec(
+            "torchjd-pcgrad-autogram",
+            "baseline: torchjd PCGrad (autogram engine)",
+            lambda m, b: torchjd_pcgrad(m, b, autogram=True),
+            needs="torchjd",
+        ),
+    ]
+}
+
+
+def available(key: str) -> bool:
+    """Whether a method can run in this environment."""
+    needs = METHODS[key].needs
+    if needs == "fast":
+        return fast_engine_available()
+    if needs == "torchjd":
+        return torchjd_version() is not None
+    return True
+
+
+def build_steps(keys: list[str], model: nn.Module, batches: list[Batch]) -> dict[str, Step]:
+    """A step function per method, each on its own deep copy of ``model``."""
+    return {key: METHODS[key].build(copy.deepcopy(model), batches) for key in keys}
