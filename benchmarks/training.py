@@ -7,6 +7,7 @@ configurations alike, and the median steps/s of each is reported.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -16,15 +17,18 @@ from pathlib import Path
 
 PROBE = Path(__file__).resolve().parent / "training_probe.py"
 EXAMPLE = PROBE.parents[1] / "examples" / "lunarlander_mtl"
-CONFIGS = (
-    "shared-blind",
-    "shared-aware",
-    "pcgrad-blind",
-    "pcgrad-aware",
-    "gradnorm-blind",
-    "gradnorm-aware",
-    "brc",
-)
+
+
+def _study_configs() -> tuple[str, ...]:
+    """The example's seven configurations, read from its config.py (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("lunarlander_config", EXAMPLE / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return tuple(module.STUDY_CONFIGS)
+
+
+CONFIGS = _study_configs()
 # (episodes per task, warm-up transitions per task, repeats)
 FULL = (20, 300, 3)
 QUICK = (3, 64, 1)
