@@ -107,6 +107,7 @@ def worker(rank: int, world: int, port: int, out: str, method: str, nan_at: int 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(train(method, rank, world, nan_at), Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no process tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -94,6 +94,7 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(r, flat) for r in replicas)
         print(f"{world} processes, parameters identical on every rank: {same}")
+    dist.barrier()  # no process tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
