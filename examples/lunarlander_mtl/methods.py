@@ -105,8 +105,9 @@ def signals(info: gs.PCGradInfo | gs.GradNormInfo | None) -> dict[str, float]:
     """The per-update diagnostics logged for each method (averaged over an episode)."""
     if isinstance(info, gs.PCGradInfo):
         out = {"conflict_rate": float(info.conflict_rate)}
+        cosine = info.cosine  # derived from the Gramian on each access: read it once
         for (i, j), column in zip(TASK_PAIRS, COSINE_COLUMNS, strict=True):
-            out[column] = float(info.cosine[i, j])
+            out[column] = float(cosine[i, j])
         return out
     if isinstance(info, gs.GradNormInfo):
         return {column: float(w) for column, w in zip(WEIGHT_COLUMNS, info.weights, strict=True)}
