@@ -33,9 +33,10 @@ class Synchronizer:
     ) -> tuple[TaskJacobian, list[float]]:
         """Average the per-task gradients and loss values over the processes.
 
-        One all-reduce carries the ``[T, P]`` gradients, the ``[T, n_params]`` reach pattern
-        and the ``T`` loss values. A NaN or Inf on any process reaches every process, so all of
-        them refuse (or skip) the same step and none waits on a collective the others skipped.
+        One all-reduce carries the ``[T, P]`` gradients (factored ones expanded first), the
+        ``[T, n_params]`` reach pattern and the ``T`` loss values. A NaN or Inf on any process
+        reaches every process, so all of them refuse (or skip) the same step and none waits on
+        a collective the others skipped.
         """
         matrix = jacobian.matrix
         dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
@@ -46,7 +47,9 @@ class Synchronizer:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         packed /= dist.get_world_size(self.group)
         reduced = TaskJacobian(
-            packed[:, :width].to(matrix.dtype), packed[:, width:-1].cpu().numpy() > 0
+            packed[:, :width].to(matrix.dtype),
+            packed[:, width:-1].cpu().numpy() > 0,
+            jacobian.numels,
         )
         return reduced, packed[:, -1].tolist()
 

@@ -2,7 +2,9 @@
 
 The generic path asks autograd for each task's gradient in turn (the graph is kept between
 tasks), writes them into the rows of one ``[T, P]`` matrix, and remembers which parameters
-each task's graph reaches. Methods then work on that matrix or on its Gramian.
+each task's graph reaches. Methods then only ask a :class:`TaskJacobian` for Gramians, weighted
+combinations and a finiteness check, so an engine may also keep some parameters' gradients in
+factored form (:class:`FactoredGradients`) and never build their ``[T, P]`` block.
 """
 
 from __future__ import annotations
@@ -12,25 +14,182 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor
 
-from ._validation import check_losses
+from ._validation import check_losses, nonfinite_tasks
 
 
 @dataclass(frozen=True)
-class TaskJacobian:
-    """Per-task gradients of a list of parameters, flattened and stacked.
+class FactoredGradients:
+    """Per-task gradients of one ``nn.Linear`` weight, kept as the factors autograd gives.
+
+    Task ``t``'s gradient is ``D_t^T X_t``: the sum over its rows of the outer product of the
+    output gradient and the input. Kept this way it costs ``M (in + out)`` numbers instead of
+    ``T * in * out``, and both things the methods need come without the ``[T, in * out]``
+    matrix: the Gramian, ``<D_s^T X_s, D_t^T X_t>`` being the sum of ``(X X^T) * (D D^T)`` over
+    the ``(s, t)`` block (the "ghost norm" trick: Goodfellow 2015, Li et al. 2022), and any
+    combination ``sum_t w_t D_t^T X_t = D^T diag(w_row) X``, one matmul like the plain weight
+    gradient.
 
     Attributes
     ----------
-    matrix : Tensor
-        ``[T, P]``: row ``i`` is task ``i``'s gradient, zeros where the task does not reach.
-    reached : numpy.ndarray
-        ``[T, n_params]`` bool: whether task ``i``'s autograd graph reaches parameter ``k``.
+    inputs : Tensor
+        ``[M, in]`` layer inputs, one row per sample (and per position of extra dimensions).
+    output_grads : Tensor
+        ``[M, out]`` gradients of the summed loss with respect to the layer's outputs.
+    row_tasks : Tensor
+        ``[M]`` task index of every row.
+    num_tasks : int
+        ``T``.
     """
 
-    matrix: Tensor
-    reached: np.ndarray
+    inputs: Tensor
+    output_grads: Tensor
+    row_tasks: Tensor
+    num_tasks: int
+
+    def gramian(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``[T, T]`` dot products of the tasks' weight gradients (in ``dtype`` if given)."""
+        x, d = self.inputs, self.output_grads
+        if dtype is not None:
+            x, d = x.to(dtype), d.to(dtype)
+        kernel = (x @ x.T).mul_(d @ d.T)  # <d_a x_a^T, d_b x_b^T> = (x_a . x_b)(d_a . d_b)
+        one_hot = nnf.one_hot(self.row_tasks, self.num_tasks).to(kernel.dtype)
+        return one_hot.T @ kernel @ one_hot
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """``sum_t weights[t] D_t^T X_t``, flattened to ``[out * in]``."""
+        row_weights = weights.to(self.output_grads)[self.row_tasks]
+        return ((self.output_grads * row_weights[:, None]).T @ self.inputs).reshape(-1)
+
+    def dense(self) -> Tensor:
+        """The ``[T, out * in]`` per-task gradients: the memory the factored form avoids."""
+        # Each task from its own rows only: a NaN in one task's rows stays in that task.
+        return torch.stack(
+            [
+                (self.output_grads[rows].T @ self.inputs[rows]).reshape(-1)
+                for rows in (self.row_tasks == t for t in range(self.num_tasks))
+            ]
+        )
+
+
+class TaskJacobian:
+    """Per-task gradients of a list of parameters.
+
+    Most parameters are stored densely, as the columns of one ``[T, P_dense]`` matrix in
+    parameter order. Under :class:`BatchPartitionEngine` a large ``nn.Linear`` weight may be
+    kept as :class:`FactoredGradients` instead. The methods only need the Gramian of some
+    parameters, weighted combinations of the task gradients and a finiteness check: all three
+    are computed here without assembling the ``[T, P]`` matrix.
+
+    Parameters
+    ----------
+    dense : Tensor
+        ``[T, P_dense]``: the dense parameters' per-task gradients, zeros where a task does not
+        reach.
+    reached : numpy.ndarray
+        ``[T, n_params]`` bool: whether task ``i``'s autograd graph reaches parameter ``k``.
+    numels : sequence of int
+        Number of elements of every parameter.
+    factored : dict, optional
+        ``{parameter index: FactoredGradients}`` for the parameters left out of ``dense``.
+    """
+
+    def __init__(
+        self,
+        dense: Tensor,
+        reached: np.ndarray,
+        numels: Sequence[int],
+        factored: dict[int, FactoredGradients] | None = None,
+    ) -> None:
+        self.dense = dense
+        self.reached = reached
+        self.numels = list(numels)
+        self.factored = factored or {}
+        self.num_tasks = dense.shape[0]
+        self._dense_numels = [n for k, n in enumerate(self.numels) if k not in self.factored]
+
+    @property
+    def matrix(self) -> Tensor:
+        """The full ``[T, P]`` matrix (assembled when some parameters are factored)."""
+        if not self.factored:
+            return self.dense
+        dense = iter(self.dense.split(self._dense_numels, dim=1))
+        return torch.cat(
+            [
+                self.factored[k].dense() if k in self.factored else next(dense)
+                for k in range(len(self.numels))
+            ],
+            dim=1,
+        )
+
+    def gramian(self, mask: np.ndarray | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """``[T, T]`` Gramian of the parameters selected by ``mask`` (bool per parameter).
+
+        Computed in ``dtype`` when given; otherwise half-precision gradients give a float32
+        Gramian, so that the dot products cannot overflow.
+        """
+        if dtype is None and self.dense.dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        dense = self.dense if dtype is None else self.dense.to(dtype)
+        if mask is None or mask.all():
+            result = dense @ dense.T
+            selected = self.factored
+        else:
+            result = dense.new_zeros(self.num_tasks, self.num_tasks)
+            for start, stop in self._column_runs(mask):  # one product per run of columns
+                block = dense[:, start:stop]
+                result.addmm_(block, block.T)
+            selected = {k: f for k, f in self.factored.items() if mask[k]}
+        for factors in selected.values():
+            result += factors.gramian(result.dtype)
+        return result
+
+    def _column_runs(self, mask: np.ndarray) -> list[tuple[int, int]]:
+        """``[start, stop)`` column ranges of ``dense`` covering the selected parameters."""
+        runs: list[tuple[int, int]] = []
+        start = 0
+        dense_mask = (bool(m) for k, m in enumerate(mask) if k not in self.factored)
+        for numel, keep in zip(self._dense_numels, dense_mask, strict=True):
+            if keep and runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], start + numel)
+            elif keep:
+                runs.append((start, start + numel))
+            start += numel
+        return runs
+
+    def combine(self, weights: Tensor) -> list[Tensor]:
+        """Per-parameter combinations of the task gradients, flattened (fresh tensors).
+
+        ``weights`` is ``[T]`` (the same combination for every parameter) or
+        ``[n_params, T]`` (row ``k`` for parameter ``k``).
+        """
+        weights = weights.to(self.dense)
+        if weights.dim() == 1:
+            dense_parts = list((weights @ self.dense).split(self._dense_numels))
+            rows = [weights] * len(self.numels)
+        else:
+            rows = list(weights.unbind())
+            dense_rows = [w for k, w in enumerate(rows) if k not in self.factored]
+            blocks = self.dense.split(self._dense_numels, dim=1)
+            dense_parts = [w @ b for w, b in zip(dense_rows, blocks, strict=True)]
+        parts = iter(dense_parts)
+        return [
+            self.factored[k].combine(rows[k]) if k in self.factored else next(parts)
+            for k in range(len(self.numels))
+        ]
+
+    def nonfinite_tasks(self) -> list[int]:
+        """Tasks whose gradient holds a NaN or Inf, checked element by element.
+
+        A factored parameter is only expanded when its Gramian is not finite.
+        """
+        bad = set(nonfinite_tasks(self.dense))
+        for factors in self.factored.values():
+            if not bool(torch.isfinite(factors.gramian().diagonal()).all()):
+                bad.update(nonfinite_tasks(factors.dense()))
+        return sorted(bad)
 
 
 def as_parameter_list(parameters: Iterable[Tensor] | torch.nn.Module, what: str) -> list[Tensor]:
@@ -73,7 +232,7 @@ def task_jacobian(
         if hit:
             torch._foreach_copy_([rows[k] for k in hit], [grads[k].reshape(-1) for k in hit])
             reached[i, hit] = True
-    return TaskJacobian(matrix, reached)
+    return TaskJacobian(matrix, reached, numels)
 
 
 class AutogradEngine:
@@ -147,21 +306,21 @@ def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
     return _unique(leaves)
 
 
-def accumulate_grads(params: Sequence[Tensor], flat: Tensor) -> None:
-    """Add ``flat`` (shape ``[P]``) into ``.grad`` of ``params``, as ``backward`` would.
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Add ``grads[k]`` (flattened) into ``params[k].grad``, as ``backward`` would.
 
-    ``flat`` must be a fresh tensor the caller gives away: empty ``.grad`` slots become views
-    of it rather than copies.
+    The tensors in ``grads`` must be fresh ones the caller gives away: empty ``.grad`` slots
+    take them (as views) rather than copies.
     """
-    views = [
-        g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
-    ]
-    existing = [k for k, p in enumerate(params) if p.grad is not None]
-    if existing:
-        torch._foreach_add_([params[k].grad for k in existing], [views[k] for k in existing])
-    for p, view in zip(params, views, strict=True):
+    existing_params, existing_grads = [], []
+    for p, g in zip(params, grads, strict=True):
         if p.grad is None:
-            p.grad = view
+            p.grad = g.view_as(p)
+        else:
+            existing_params.append(p.grad)
+            existing_grads.append(g.view_as(p))
+    if existing_params:
+        torch._foreach_add_(existing_params, existing_grads)
 
 
 def _unique(tensors: list[Tensor]) -> list[Tensor]:

@@ -314,16 +314,20 @@ class GradNorm:
             bad = nonfinite_values(values)
             if bad:
                 return self._nonfinite(bad, "loss")
-        unreached = np.flatnonzero(~at_shared.reached.any(axis=1)).tolist()
+        # W's parameters come first in either Jacobian (the full one or W's own).
+        num_shared = len(self.shared_parameters)
+        shared_mask = np.arange(len(at_shared.numels)) < num_shared
+        unreached = np.flatnonzero(~at_shared.reached[:, :num_shared].any(axis=1)).tolist()
         if unreached:
             raise ValueError(
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
                 "shared parameters, so GradNorm cannot balance it"
             )
-        norms = np.array(at_shared.matrix.norm(dim=1).tolist()) / scale
+        squared_norms = at_shared.gramian(shared_mask).diagonal()
+        norms = np.sqrt(np.array(squared_norms.tolist()).clip(0)) / scale
         bad = nonfinite_values(norms)
         if not bad and full is not None:
-            bad = nonfinite_tasks(full.jacobian.matrix)  # below W, before anything changes
+            bad = full.jacobian.nonfinite_tasks()  # below W, before anything changes
         if bad:
             if grad_scaler is None or not weighted_backward:
                 return self._nonfinite(bad, "gradient")
@@ -393,10 +397,7 @@ class GradNorm:
         full = self.engine.jacobian(losses, params)
         if sync is not None:
             full, values = sync.all_reduce(full, values)
-        width = sum(p.numel() for p in self.shared_parameters)
-        shared_count = len(self.shared_parameters)
-        at_shared = TaskJacobian(full.matrix[:, :width], full.reached[:, :shared_count])
-        return _FullJacobian(params, full), at_shared, values
+        return _FullJacobian(params, full), full, values
 
     def _weighted_backward(
         self,
@@ -408,29 +409,23 @@ class GradNorm:
     ) -> None:
         """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
         if full is not None:  # the per-task gradients are all there: no second backward
-            matrix = full.jacobian.matrix
-            combined = torch.from_numpy(weights).to(matrix) @ matrix
-            hit = np.flatnonzero(full.jacobian.reached.any(axis=0))
-            if len(hit) == len(full.params):
-                params, flat = full.params, combined
-            else:
-                pieces = combined.split([p.numel() for p in full.params])
-                params = [full.params[k] for k in hit]
-                flat = torch.cat([pieces[k] for k in hit])
+            combined = full.jacobian.combine(torch.from_numpy(weights))
+            hit = full.jacobian.reached.any(axis=0)
+            params = [p for p, k in zip(full.params, hit, strict=True) if k]
+            grads = [g for g, k in zip(combined, hit, strict=True) if k]
             # full.jacobian was checked finite before the weight update: nothing to check.
         else:
             weights_t = torch.from_numpy(weights).to(losses[0])
             weighted = sum(w * loss for w, loss in zip(weights_t.unbind(), losses, strict=True))
-            params = graph_leaves(losses)
-            grads = torch.autograd.grad(weighted, params, allow_unused=True)
-            hit = [k for k, g in enumerate(grads) if g is not None]
-            params = [params[k] for k in hit]
-            flat = torch.cat([grads[k].reshape(-1) for k in hit])
-            if check and nonfinite_tasks(flat[None]):
+            leaves = graph_leaves(losses)
+            found = torch.autograd.grad(weighted, leaves, allow_unused=True)
+            params = [p for p, g in zip(leaves, found, strict=True) if g is not None]
+            grads = [g.reshape(-1) for g in found if g is not None]
+            if check and nonfinite_tasks(torch.cat(grads)[None]):
                 raise NonFiniteError(
                     "the weighted gradient sum_i w_i grad L_i holds NaN or Inf; nothing was changed"
                 )
-        accumulate_grads(params, flat)
+        accumulate_grads(params, grads)
 
     def _nonfinite(self, bad: list[int], what: str, *, raise_error: bool = True) -> GradNormInfo:
         if raise_error and self.nonfinite == "raise":

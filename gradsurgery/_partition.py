@@ -14,24 +14,45 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from ._engine import TaskJacobian, task_jacobian
+from ._engine import FactoredGradients, TaskJacobian, task_jacobian
 
 # Exact types: a subclass may override ``forward`` and break the gradient formulas below.
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
 
-@dataclass(frozen=True)
-class _Call:
+class _Call(NamedTuple):
     """One recorded forward call of a supported layer."""
 
     input: Tensor  # detached (indices for an Embedding)
     output: Tensor  # still in the autograd graph
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where every parameter's per-task gradients come from, for one pattern of calls.
+
+    Worked out once per (parameters, task sizes, recorded layers and shapes) and reused: a
+    training loop repeats the same pattern every step.
+    """
+
+    fast: list[nn.Module]  # fast-path layers, in recording order
+    targets: dict[nn.Module, list[tuple[str, int]]]  # (parameter name, column) kept dense
+    factored_weight: dict[nn.Module, int]  # Linear layers whose weight stays factored
+    dense_numels: list[int]  # sizes of the dense blocks, in column order
+    dense_slot: dict[int, int]  # column -> index of its dense block
+    slow_columns: list[int]  # differentiated per task by autograd
+    fast_dense_columns: frozenset[int]
+    fast_columns: set[int]  # every column the single backward fills, dense or factored
+    fast_reached: np.ndarray  # [n_params] bool: those columns
+    numels: list[int]
+    params: tuple[Tensor, ...]  # held so that the ids in the cache key stay theirs
 
 
 class BatchPartitionEngine:
@@ -51,6 +72,14 @@ class BatchPartitionEngine:
     verify : bool
         Also compute every Jacobian the slow way and raise if the two differ (for debugging a
         model or loss that might mix samples across tasks).
+    factored : {"auto", "always", "never"}
+        How a Linear layer's per-task weight gradients are kept. Dense: ``T`` matrices of
+        ``in x out``. Factored: the layer's inputs and output gradients (``M`` rows), from which
+        the Gramian and any combination come without the ``[T, in * out]`` matrix (the "ghost
+        norm" trick); its cost grows with ``M^2`` instead of ``T^2``, and it saves the
+        ``[T, P]`` memory. ``"auto"`` (default) picks the cheaper one per layer: dense for
+        small layers and few tasks (the LunarLander study's network), factored for wide
+        layers with many tasks.
 
     Examples
     --------
@@ -71,7 +100,9 @@ class BatchPartitionEngine:
 
     single_backward = True
 
-    def __init__(self, model: nn.Module, *, verify: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, verify: bool = False, factored: str = "auto") -> None:
+        if factored not in ("auto", "always", "never"):
+            raise ValueError(f"factored must be 'auto', 'always' or 'never', got {factored!r}")
         mixers = [
             name or type(model).__name__
             for name, module in model.named_modules()
@@ -85,10 +116,12 @@ class BatchPartitionEngine:
             )
         self.model = model
         self.verify = verify
+        self.factored = factored
         self._task_sizes: list[int] | None = None
         self._recording = False
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._unrecorded: set[nn.Module] = set()
+        self._plans: dict[tuple, _Plan] = {}
         layers = [module for module in model.modules() if type(module) in _SUPPORTED]
         self._owned = {m: list(m.named_parameters(recurse=False)) for m in layers}
         self._handles = [
@@ -140,15 +173,6 @@ class BatchPartitionEngine:
         reference = task_jacobian(losses, params, retain_graph=True) if self.verify else None
         calls, self._calls = self._calls, {}
         unrecorded, self._unrecorded = self._unrecorded, set()
-        requested = {id(p) for p in params}
-        fast = {
-            module: module_calls
-            for module, module_calls in calls.items()
-            if module not in unrecorded
-            and _fast_path_applies(module)
-            and all(call.input.shape[0] == sum(sizes) for call in module_calls)
-            and any(id(p) in requested for _, p in self._owned[module])
-        }
         if unrecorded & calls.keys():
             names = {module: name for name, module in self.model.named_modules()}
             warnings.warn(
@@ -160,25 +184,34 @@ class BatchPartitionEngine:
                 "their parameters took the slow per-task path this step",
                 stacklevel=3,
             )
+        key = (
+            tuple(map(id, params)),
+            tuple(sizes),
+            tuple((m, tuple(c.input.shape for c in cs)) for m, cs in calls.items()),
+            frozenset(unrecorded & calls.keys()),
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 8:  # training loops repeat a few shapes; do not grow
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(params, calls, unrecorded)
 
-        # The result is written in place, block by block: peak memory is the [T, P] matrix
-        # plus one layer's per-task gradients, not two copies of the matrix.
-        num_tasks, numels = len(losses), [p.numel() for p in params]
-        first = params[0]
-        matrix = first.new_empty(num_tasks, sum(numels))
-        blocks = dict(zip(map(id, params), matrix.split(numels, dim=1), strict=True))
-        column = {id(p): k for k, p in enumerate(params)}
+        # Large Linear weights stay factored (inputs and output gradients); the rest is written
+        # in place, block by block, into one [T, P_dense] matrix: peak memory is that matrix
+        # plus one layer's per-task gradients, never two copies of it.
+        num_tasks = len(sizes)
+        matrix = params[0].new_empty(num_tasks, sum(plan.dense_numels))
+        blocks = matrix.split(plan.dense_numels, dim=1)
         reached = np.zeros((num_tasks, len(params)), dtype=bool)
-        owned = {id(p) for module in fast for _, p in self._owned[module]}
-        slow_params = [p for p in params if id(p) not in owned]
-        if slow_params:  # first, while the graph is whole; the single backward frees it
+        if plan.slow_columns:  # first, while the graph is whole; the single backward frees it
+            slow_params = [params[k] for k in plan.slow_columns]
             slow = task_jacobian(losses, slow_params, retain_graph=True)
             slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1)
-            for k, (p, block) in enumerate(zip(slow_params, slow_blocks, strict=True)):
-                blocks[id(p)].copy_(block)
-                reached[:, column[id(p)]] = slow.reached[:, k]
+            for k, block in zip(plan.slow_columns, slow_blocks, strict=True):
+                blocks[plan.dense_slot[k]].copy_(block)
+            reached[:, plan.slow_columns] = slow.reached
 
-        outputs = [call.output for module_calls in fast.values() for call in module_calls]
+        outputs = [call.output for module in plan.fast for call in calls[module]]
         grads: Sequence[Tensor | None] = ()
         if outputs:
             total = torch.stack(list(losses)).sum()
@@ -186,28 +219,115 @@ class BatchPartitionEngine:
                 total, outputs, retain_graph=retain_graph, allow_unused=True
             )
         output_grads = iter(grads)
-        for module, module_calls in fast.items():
-            for call in module_calls:
+        written: set[int] = set()
+        factors: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for module in plan.fast:
+            targets, factored_column = plan.targets[module], plan.factored_weight.get(module)
+            for call in calls[module]:
                 grad_output = next(output_grads)
                 if grad_output is None:
                     continue
-                for name, grad in _task_grads(module, call.input, grad_output, sizes).items():
-                    p = getattr(module, name)
-                    if id(p) not in requested:
-                        continue
-                    k = column[id(p)]
-                    if reached[0, k]:  # a second call of the same layer adds to the first
-                        blocks[id(p)].add_(grad.reshape(num_tasks, -1))
+                if factored_column is not None:
+                    factors.setdefault(factored_column, []).append(
+                        _linear_factors(module, call.input, grad_output, sizes)
+                    )
+                task_grads = _task_grads(
+                    module, call.input, grad_output, sizes, weight=factored_column is None
+                )
+                for name, k in targets:
+                    grad = task_grads[name].reshape(num_tasks, -1)
+                    if k in written:  # a second call of the same layer adds to the first
+                        blocks[plan.dense_slot[k]].add_(grad)
                     else:
-                        blocks[id(p)].copy_(grad.reshape(num_tasks, -1))
-                        reached[:, k] = True
-        for p in params:  # fast-path layers the losses never reached
-            if id(p) in owned and not reached[0, column[id(p)]]:
-                blocks[id(p)].zero_()
-        jacobian = TaskJacobian(matrix, reached)
+                        blocks[plan.dense_slot[k]].copy_(grad)
+                        written.add(k)
+        for k in plan.fast_dense_columns - written:  # layers the losses never reached
+            blocks[plan.dense_slot[k]].zero_()
+        factored = {}
+        for k in plan.factored_weight.values():
+            rows = factors.get(k)
+            if rows is None:  # the losses never reached the layer: no rows, a zero gradient
+                p = params[k]
+                rows = [(p.new_zeros(0, p.shape[1]), p.new_zeros(0, p.shape[0]), _no_rows(p))]
+            else:
+                written.add(k)
+            inputs, grads_out, row_tasks = (torch.cat(parts) for parts in zip(*rows, strict=True))
+            factored[k] = FactoredGradients(inputs, grads_out, row_tasks, num_tasks)
+        if written == plan.fast_columns:  # the usual case: every fast-path layer was reached
+            reached |= plan.fast_reached
+        elif written:
+            reached[:, sorted(written)] = True
+        jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
         if reference is not None:
             _check_agreement(jacobian, reference)
         return jacobian
+
+    def _plan(
+        self,
+        params: Sequence[Tensor],
+        calls: dict[nn.Module, list[_Call]],
+        unrecorded: set[nn.Module],
+    ) -> _Plan:
+        """Which parameters take the fast path, which are factored, where each one goes."""
+        sizes = self._task_sizes
+        assert sizes is not None
+        column = {id(p): k for k, p in enumerate(params)}
+        fast = [
+            module
+            for module, module_calls in calls.items()
+            if module not in unrecorded
+            and _fast_path_applies(module)
+            and all(call.input.shape[0] == sum(sizes) for call in module_calls)
+            and any(id(p) in column for _, p in self._owned[module])
+        ]
+        factored_weight = {
+            module: column[id(module.weight)]
+            for module in fast
+            if isinstance(module, nn.Linear)
+            and id(module.weight) in column
+            and self._factor(module, sum(c.input.numel() for c in calls[module]), len(sizes))
+        }
+        targets = {
+            module: [
+                (name, column[id(p)])
+                for name, p in self._owned[module]
+                if id(p) in column and column[id(p)] != factored_weight.get(module)
+            ]
+            for module in fast
+        }
+        fast_columns = {k for module_targets in targets.values() for _, k in module_targets}
+        factored_columns = set(factored_weight.values())
+        dense = [k for k in range(len(params)) if k not in factored_columns]
+        fast_reached = np.zeros(len(params), dtype=bool)
+        fast_reached[sorted(fast_columns | factored_columns)] = True
+        return _Plan(
+            fast=fast,
+            targets=targets,
+            factored_weight=factored_weight,
+            dense_numels=[params[k].numel() for k in dense],
+            dense_slot={k: slot for slot, k in enumerate(dense)},
+            slow_columns=[k for k in dense if k not in fast_columns],
+            fast_dense_columns=frozenset(fast_columns),
+            fast_columns=fast_columns | factored_columns,
+            fast_reached=fast_reached,
+            numels=[p.numel() for p in params],
+            params=tuple(params),
+        )
+
+    def _factor(self, layer: nn.Linear, input_numel: int, num_tasks: int) -> bool:
+        """Whether to keep this layer's per-task weight gradients factored (see the class)."""
+        if self.factored != "auto":
+            return self.factored == "always"
+        rows, fan_in, fan_out = (
+            input_numel // layer.in_features,
+            layer.in_features,
+            layer.out_features,
+        )
+        # Factored: an [M, M] kernel from the inputs and output gradients, reduced to [T, T].
+        # Dense: T per-task [out, in] gradients, their Gramian and their combination.
+        factored_cost = rows * rows * (fan_in + fan_out + num_tasks)
+        dense_cost = num_tasks * (num_tasks + 1) * fan_in * fan_out
+        return factored_cost < dense_cost
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
@@ -228,6 +348,10 @@ def _fast_path_applies(module: nn.Module) -> bool:
     return True
 
 
+def _no_rows(p: Tensor) -> Tensor:
+    return torch.zeros(0, dtype=torch.long, device=p.device)
+
+
 def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
     return torch.repeat_interleave(
         torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
@@ -243,11 +367,14 @@ def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
 
 
 def _task_grads(
-    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int], weight: bool = True
 ) -> dict[str, Tensor]:
-    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer."""
+    """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer.
+
+    ``weight=False`` leaves out a Linear layer's weight (kept factored instead).
+    """
     if isinstance(module, nn.Linear):
-        return _linear_task_grads(module, x, grad_output, sizes)
+        return _linear_task_grads(module, x, grad_output, sizes, weight)
     num_rows = x.shape[0]
     if isinstance(module, nn.Embedding):
         dim, rows = module.embedding_dim, module.num_embeddings
@@ -277,32 +404,46 @@ def _task_grads(
 
 
 def _linear_task_grads(
-    module: nn.Linear, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+    module: nn.Linear, x: Tensor, grad_output: Tensor, sizes: Sequence[int], weight: bool = True
 ) -> dict[str, Tensor]:
     """``W_t = sum over task t's rows of g x^T``, ``b_t = sum of g`` (extra dims summed too)."""
     dtype = module.weight.dtype
-    x, g = x.to(dtype), grad_output.to(dtype)
+    g = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
+    grads = {}
     if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
-        xs = x.reshape(len(sizes), -1, module.in_features)
         gs = g.reshape(len(sizes), -1, module.out_features)
-        grads = {"weight": gs.transpose(1, 2) @ xs}
+        if weight:
+            xs = x.reshape(len(sizes), -1, module.in_features)
+            grads["weight"] = torch.bmm(gs.transpose(1, 2), xs)
         if module.bias is not None:
             grads["bias"] = gs.sum(dim=1)
         return grads
-    x = x.reshape(x.shape[0], -1, module.in_features)
     g = g.reshape(g.shape[0], -1, module.out_features)
-    starts = [sum(sizes[:t]) for t in range(len(sizes))]
-    weight = torch.stack(
-        [
-            g[a : a + n].reshape(-1, module.out_features).T
-            @ x[a : a + n].reshape(-1, module.in_features)
-            for a, n in zip(starts, sizes, strict=True)
-        ]
-    )
-    grads = {"weight": weight}
+    if weight:
+        x = x.reshape(x.shape[0], -1, module.in_features)
+        starts = [sum(sizes[:t]) for t in range(len(sizes))]
+        grads["weight"] = torch.stack(
+            [
+                g[a : a + n].reshape(-1, module.out_features).T
+                @ x[a : a + n].reshape(-1, module.in_features)
+                for a, n in zip(starts, sizes, strict=True)
+            ]
+        )
     if module.bias is not None:
         grads["bias"] = _task_sums(g.sum(dim=1), sizes)
     return grads
+
+
+def _linear_factors(
+    module: nn.Linear, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Linear call's rows: inputs ``[M, in]``, output gradients ``[M, out]``, tasks ``[M]``."""
+    dtype = module.weight.dtype
+    inputs = x.to(dtype).reshape(-1, module.in_features)
+    rows_per_sample = inputs.shape[0] // x.shape[0]
+    row_tasks = _task_index(sizes, x.device).repeat_interleave(rows_per_sample)
+    return inputs, grad_output.to(dtype).reshape(-1, module.out_features), row_tasks
 
 
 def _check_agreement(fast: TaskJacobian, reference: TaskJacobian) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._distributed import synchronizer
-from ._engine import AutogradEngine, TaskJacobian, accumulate_grads, as_parameter_list
+from ._engine import AutogradEngine, accumulate_grads, as_parameter_list
 from ._partition import BatchPartitionEngine
 from ._validation import (
     NonFiniteError,
@@ -22,7 +22,6 @@ from ._validation import (
     check_num_tasks,
     check_reduction,
     loss_values,
-    nonfinite_tasks,
     nonfinite_values,
 )
 
@@ -151,15 +150,15 @@ class ConflictStats:
 
     def update(self, gramian: np.ndarray) -> None:
         """Count the conflicts of one step's ``[T, T]`` Gramian (called by PCGrad)."""
-        conflicts = gramian < 0
-        np.fill_diagonal(conflicts, False)
+        conflicts = gramian < 0  # the diagonal holds squared norms: never negative
         num_tasks = gramian.shape[0]
         if self.pair_conflicts is None:
             self.pair_conflicts = torch.zeros(num_tasks, num_tasks, dtype=torch.long)
         self.steps += 1
-        self.conflicting_pairs += int(conflicts.sum()) // 2
+        self.conflicting_pairs += int(np.count_nonzero(conflicts)) // 2
         self.pairs += num_tasks * (num_tasks - 1) // 2
-        self.pair_conflicts += torch.from_numpy(conflicts)
+        counts = self.pair_conflicts.numpy()  # shares memory: NumPy is cheaper on [T, T]
+        counts += conflicts
 
 
 class PCGrad(torch.optim.Optimizer):
@@ -372,59 +371,50 @@ class PCGrad(torch.optim.Optimizer):
             if bad:
                 return self._nonfinite(bad, "loss", num_tasks)
         reached = jacobian.reached
-        if not reached.any():
+        all_reached = bool(reached.all())  # the usual case: skips the masks below
+        if not all_reached and not reached.any():
             raise ValueError(
                 "no parameter of the wrapped optimizer is reached by any loss: the losses do "
                 "not depend on the parameters being optimized"
             )
-        shared = self._shared_mask(params, reached)
-        numels = [p.numel() for p in params]
-        columns = None
-        shared_block = jacobian.matrix
-        if not shared.all():
-            columns = torch.from_numpy(np.repeat(shared, numels))
-            shared_block = jacobian.matrix[:, columns]
+        shared = None
+        if not all_reached or self._shared_ids is not None:
+            shared = self._shared_mask(params, reached)
+        mask = None if shared is None or shared.all() else shared
         # The [T, T] work happens on the CPU in float64, whatever the device of the gradients.
-        gramian = F.gramian(shared_block).detach().to("cpu", torch.float64).numpy()
-        bad = []
+        gramian = _to_numpy(jacobian.gramian(mask))
         # A NaN or Inf gradient makes its Gramian row non-finite: the exact (costlier) check
-        # only runs when the Gramian or the unshared columns say something is wrong.
-        unshared_finite = columns is None or bool(
-            torch.isfinite(jacobian.matrix[:, ~columns].sum()).all()
-        )
-        if not (np.isfinite(gramian).all() and unshared_finite):
-            bad = nonfinite_tasks(jacobian.matrix)
-            if bad and grad_scaler is None:
-                return self._nonfinite(bad, "gradient", num_tasks)
-            if not bad:  # finite gradients whose dot products overflow float32
-                gramian = F.gramian(shared_block.double()).cpu().numpy()
+        # only runs when the Gramian of the shared or of the unshared parameters says so.
+        finite = np.isfinite(gramian).all()
+        if finite and mask is not None:
+            finite = np.isfinite(_to_numpy(jacobian.gramian(~mask)).diagonal()).all()
+        bad = [] if finite else jacobian.nonfinite_tasks()
+        if bad and grad_scaler is None:
+            return self._nonfinite(bad, "gradient", num_tasks)
+        if not finite and not bad:  # finite gradients whose dot products overflow float32
+            gramian = _to_numpy(jacobian.gramian(mask, dtype=torch.float64))
 
         if bad:  # leave the overflow in .grad for the GradScaler to see and skip the step
-            combined = jacobian.matrix.sum(dim=0)
+            combined = jacobian.combine(torch.ones(num_tasks))
             no_projection = np.zeros((num_tasks, num_tasks), dtype=bool)
             info = PCGradInfo(gramian, no_projection, skipped=True, nonfinite_tasks=bad)
         else:
-            orders = F._projection_orders(num_tasks, self.generator)
-            coefficients, projected = F._pcgrad_coefficients(gramian, orders)
-            weights = F._reduce_coefficients(coefficients, self.reduction)
-            combined = F._combine(shared_block, weights)
-            if columns is not None:
-                combined = self._with_unshared(jacobian, combined, columns, numels)
+            weights, projected = F._pcgrad_weights(gramian, self.generator, self.reduction)
+            if mask is not None:
+                weights = self._with_unshared(weights, mask, reached)
+            combined = jacobian.combine(weights)
             info = PCGradInfo(gramian, projected)
             self.conflict_stats.update(gramian)
         if self.num_tasks is None:
             self.num_tasks = num_tasks
 
         # Parameters no task reaches keep their .grad (None stays None), as after backward().
-        kept = reached.any(axis=0)
-        if kept.all():
+        kept = None if all_reached else reached.any(axis=0)
+        if kept is None or kept.all():
             accumulate_grads(params, combined)
         else:
-            pieces = combined.split(numels)
-            accumulate_grads(
-                [p for p, k in zip(params, kept, strict=True) if k],
-                torch.cat([piece for piece, k in zip(pieces, kept, strict=True) if k]),
-            )
+            pairs = [(p, g) for p, g, k in zip(params, combined, kept, strict=True) if k]
+            accumulate_grads([p for p, _ in pairs], [g for _, g in pairs])
         return info
 
     def _shared_mask(self, params: list[Tensor], reached: np.ndarray) -> np.ndarray:
@@ -433,19 +423,15 @@ class PCGrad(torch.optim.Optimizer):
             return reached.all(axis=0)
         return np.array([id(p) in self._shared_ids for p in params], dtype=bool)
 
-    def _with_unshared(
-        self, jacobian: TaskJacobian, shared_part: Tensor, columns: Tensor, numels: list[int]
-    ) -> Tensor:
-        """Full combined gradient: surgery on the shared columns, plain mean/sum elsewhere."""
-        combined = jacobian.matrix.sum(dim=0)
+    def _with_unshared(self, weights: Tensor, shared: np.ndarray, reached: np.ndarray) -> Tensor:
+        """Per-parameter weights ``[n_params, T]``: surgery's where shared, plain elsewhere."""
+        rows = torch.ones(len(shared), len(weights), dtype=torch.float64)
         if self.reduction == "mean":
             # Mean over the tasks that reach each parameter, not over all T: a task-specific
             # head learns at the same rate as it would alone.
-            reach_counts = np.maximum(jacobian.reached.sum(axis=0), 1)
-            counts = torch.from_numpy(np.repeat(reach_counts, numels))
-            combined = combined / counts.to(combined)
-        combined[columns] = shared_part
-        return combined
+            rows /= torch.from_numpy(np.maximum(reached.sum(axis=0), 1))[:, None]
+        rows[torch.from_numpy(shared)] = weights
+        return rows
 
     def _nonfinite(self, bad: list[int], what: str, num_tasks: int) -> PCGradInfo:
         tasks = ", ".join(map(str, bad))
@@ -461,3 +447,7 @@ class PCGrad(torch.optim.Optimizer):
             skipped=True,
             nonfinite_tasks=bad,
         )
+
+
+def _to_numpy(gramian: Tensor) -> np.ndarray:
+    return gramian.detach().to("cpu", torch.float64).numpy()

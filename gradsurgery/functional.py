@@ -87,13 +87,17 @@ def projection_orders(num_tasks: int, *, generator: torch.Generator | None = Non
 
 
 def _projection_orders(num_tasks: int, generator: torch.Generator | None) -> np.ndarray:
-    device = generator.device if generator is not None else None
-    # Sorting i.i.d. uniform keys gives a uniform permutation; a key of 2 puts task i last,
-    # where it is dropped. One draw for all tasks keeps the generator stream short and fixed.
-    keys = torch.rand(num_tasks, num_tasks, generator=generator, dtype=torch.float64, device=device)
-    keys = keys.cpu().numpy()
-    np.fill_diagonal(keys, 2.0)
+    keys = _order_keys(num_tasks, generator).numpy()
+    np.fill_diagonal(keys, 2.0)  # task i sorts last, where it is dropped
     return np.argsort(keys, axis=1, kind="stable")[:, : num_tasks - 1]
+
+
+def _order_keys(num_tasks: int, generator: torch.Generator | None) -> Tensor:
+    # Sorting i.i.d. uniform keys gives a uniform permutation. One draw for all tasks keeps
+    # the generator stream short and fixed.
+    device = generator.device if generator is not None else None
+    keys = torch.rand(num_tasks, num_tasks, generator=generator, dtype=torch.float64, device=device)
+    return keys.cpu()
 
 
 def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +152,18 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> tuple[Tensor, Tensor
     return torch.from_numpy(coefficients), torch.from_numpy(projected)
 
 
+# Up to this many tasks the surgery runs as plain Python on floats: for a 3 x 3 Gramian, a
+# NumPy call costs more than the arithmetic it does.
+_PYTHON_MAX_TASKS = 6
+
+
 def _pcgrad_coefficients(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if G.shape[0] <= _PYTHON_MAX_TASKS:
+        return _pcgrad_coefficients_python(G, orders)
+    return _pcgrad_coefficients_numpy(G, orders)
+
+
+def _pcgrad_coefficients_numpy(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # A [T, T] problem: NumPy float64 has far less per-operation overhead than torch for
     # matrices this small, and is exact enough to match a float64 direct loop.
     num_tasks = G.shape[0]
@@ -168,6 +183,57 @@ def _pcgrad_coefficients(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray,
             )
             projected[rows[conflict], partners[conflict]] = True
     return coefficients, projected
+
+
+def _pcgrad_coefficients_python(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same surgery as the NumPy version, task by task on Python floats."""
+    rows, projections = _python_surgery(G.tolist(), orders.tolist())
+    projected = np.zeros(G.shape, dtype=bool)
+    for i, j in projections:
+        projected[i, j] = True
+    return np.array(rows), projected
+
+
+def _python_surgery(
+    gram: list[list[float]], orders: list[list[int]]
+) -> tuple[list[list[float]], list[tuple[int, int]]]:
+    num_tasks = len(gram)
+    rows, projections = [], []
+    for i, order in enumerate(orders):
+        row = [0.0] * num_tasks
+        row[i] = 1.0
+        for j in order:  # g_i' . g_j, with g_i' = sum_m row[m] g_m; summed in NumPy's order
+            dot = sum([c * g for c, g in zip(row, gram[j], strict=True)])
+            if dot < 0 and gram[j][j] > 0:
+                row[j] -= dot / gram[j][j]
+                projections.append((i, j))
+        rows.append(row)
+    return rows, projections
+
+
+def _pcgrad_weights(
+    G: np.ndarray, generator: torch.Generator | None, reduction: str
+) -> tuple[Tensor, np.ndarray]:
+    """Draw the orders, do the surgery on ``G``, reduce: PCGrad's ``c`` (float64) and the
+    ``[T, T]`` projections. What PCGrad runs every step, with as few operations as it can."""
+    num_tasks = G.shape[0]
+    if num_tasks > _PYTHON_MAX_TASKS:
+        orders = _projection_orders(num_tasks, generator)
+        coefficients, projected = _pcgrad_coefficients_numpy(G, orders)
+        return torch.from_numpy(_reduce_coefficients(coefficients, reduction)), projected
+    keys = _order_keys(num_tasks, generator).tolist()
+    orders = [  # a stable sort, as NumPy's: the same orders from the same keys
+        sorted((j for j in range(num_tasks) if j != i), key=row.__getitem__)
+        for i, row in enumerate(keys)
+    ]
+    rows, projections = _python_surgery(G.tolist(), orders)
+    weights = [sum(column) for column in zip(*rows, strict=True)]
+    if reduction == "mean":
+        weights = [w / num_tasks for w in weights]
+    projected = np.zeros((num_tasks, num_tasks), dtype=bool)
+    for i, j in projections:
+        projected[i, j] = True
+    return torch.tensor(weights, dtype=torch.float64), projected
 
 
 def pcgrad(

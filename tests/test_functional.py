@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -71,6 +72,31 @@ def test_gramian_implementation_equals_direct_loop(reduction, data):
     expected = pcgrad_direct_loop(grads, orders, reduction)
     actual = F.pcgrad(grads, orders=orders, reduction=reduction)
     torch.testing.assert_close(actual, expected, **props.tolerance(grads))
+
+
+@given(data=gradients_and_orders(max_tasks=F._PYTHON_MAX_TASKS))
+def test_python_surgery_is_bit_identical_to_numpy(data):
+    # Small T runs on Python floats instead of NumPy. Both sum the T products of a dot in the
+    # same order, so the coefficients and projections are the same to the last bit.
+    grads, orders = data
+    G, order_array = F.gramian(grads).numpy(), orders.numpy()
+    python = F._pcgrad_coefficients_python(G, order_array)
+    numpy = F._pcgrad_coefficients_numpy(G, order_array)
+    assert np.array_equal(python[0], numpy[0])
+    assert np.array_equal(python[1], numpy[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@given(grads=task_gradients(max_tasks=F._PYTHON_MAX_TASKS), seed=st.integers(0, 2**32 - 1))
+def test_pcgrads_step_path_is_bit_identical_to_numpy(reduction, grads, seed):
+    # What PCGrad runs each step (orders drawn, surgery, reduction) against the NumPy pieces.
+    G = F.gramian(grads).numpy()
+    weights, projected = F._pcgrad_weights(G, torch.Generator().manual_seed(seed), reduction)
+    orders = F._projection_orders(G.shape[0], torch.Generator().manual_seed(seed))
+    coefficients, expected_projected = F._pcgrad_coefficients_numpy(G, orders)
+    expected = F._reduce_coefficients(coefficients, reduction)
+    assert np.array_equal(weights.numpy(), expected)
+    assert np.array_equal(projected, expected_projected)
 
 
 @given(data=gradients_and_orders(min_tasks=2, max_tasks=2))

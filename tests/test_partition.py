@@ -10,7 +10,7 @@ from hypothesis import given
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery._engine import task_jacobian
+from gradsurgery._engine import TaskJacobian, task_jacobian
 
 
 class Mixed(nn.Module):
@@ -58,13 +58,38 @@ def data(sizes, sequence, seed):
     return x, y, task_ids
 
 
+def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, seed: int) -> None:
+    """Same matrix, and the same Gramians and combinations computed from it, to float64."""
+    close = {"rtol": 1e-10, "atol": 1e-12}
+    matrix = expected.matrix
+    torch.testing.assert_close(actual.matrix, matrix, **close)
+    assert np.array_equal(actual.reached, expected.reached)
+    generator = torch.Generator().manual_seed(seed)
+    num_tasks, num_params = expected.reached.shape
+    mask = (torch.rand(num_params, generator=generator) < 0.5).numpy()
+    columns = torch.from_numpy(np.repeat(mask, actual.numels))
+    torch.testing.assert_close(actual.gramian(), matrix @ matrix.T, **close)
+    selected = matrix[:, columns]
+    torch.testing.assert_close(actual.gramian(mask), selected @ selected.T, **close)
+    weights = torch.randn(num_tasks, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(torch.cat(actual.combine(weights)), weights @ matrix, **close)
+    per_param = torch.randn(num_params, num_tasks, generator=generator, dtype=torch.float64)
+    expected_parts = [
+        w @ block for w, block in zip(per_param, matrix.split(actual.numels, 1), strict=True)
+    ]
+    for part, expected_part in zip(actual.combine(per_param), expected_parts, strict=True):
+        torch.testing.assert_close(part, expected_part, **close)
+    assert actual.nonfinite_tasks() == []
+
+
 @given(
     sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
     equal=st.booleans(),
     sequence=st.booleans(),
+    factored=st.sampled_from(["never", "always", "auto"]),
     seed=st.integers(0, 2**16),
 )
-def test_fast_engine_equals_autograd_to_float64_precision(sizes, equal, sequence, seed):
+def test_fast_engine_equals_autograd_to_float64_precision(sizes, equal, sequence, factored, seed):
     if equal:
         sizes = [sizes[0]] * len(sizes)
     torch.manual_seed(seed)
@@ -73,13 +98,14 @@ def test_fast_engine_equals_autograd_to_float64_precision(sizes, equal, sequence
     params = list(model.parameters())
 
     expected = task_jacobian(losses_on_slices(model(x, task_ids), y, sizes), params)
-    engine = gs.BatchPartitionEngine(model)
+    engine = gs.BatchPartitionEngine(model, factored=factored)
     with engine.record(sizes):
         out = model(x, task_ids)
     actual = engine.jacobian(losses_on_slices(out, y, sizes), params)
 
-    torch.testing.assert_close(actual.matrix, expected.matrix, rtol=1e-10, atol=1e-12)
-    assert np.array_equal(actual.reached, expected.reached)
+    if factored == "always":  # fc1, fc2 and head
+        assert len(actual.factored) == 3
+    assert_same_task_gradients(actual, expected, seed)
 
 
 def study_network():
@@ -93,12 +119,13 @@ def study_losses(out, targets):
     return [(o - t).pow(2).mean() for o, t in zip(out.split(64), targets.split(64), strict=True)]
 
 
-def test_pcgrad_with_the_fast_engine_equals_the_default():
+@pytest.mark.parametrize("factored", ["never", "always"])
+def test_pcgrad_with_the_fast_engine_equals_the_default(factored):
     x = torch.randn(192, 8, dtype=torch.float64)
     targets = torch.randn(192, 4, dtype=torch.float64) * torch.tensor([1.0, -1.0, 1.0, -1.0])
     slow_model, fast_model = study_network(), study_network()
     slow = gs.PCGrad(torch.optim.Adam(slow_model.parameters(), lr=1e-3))
-    engine = gs.BatchPartitionEngine(fast_model)
+    engine = gs.BatchPartitionEngine(fast_model, factored=factored)
     fast = gs.PCGrad(torch.optim.Adam(fast_model.parameters(), lr=1e-3), engine=engine)
     for _ in range(3):
         slow.zero_grad()
@@ -114,14 +141,15 @@ def test_pcgrad_with_the_fast_engine_equals_the_default():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_gradnorm_with_the_fast_engine_equals_the_default():
+@pytest.mark.parametrize("factored", ["never", "always"])
+def test_gradnorm_with_the_fast_engine_equals_the_default(factored):
     x = torch.randn(192, 8, dtype=torch.float64)
     targets = torch.randn(192, 4, dtype=torch.float64)
     slow_model, fast_model = study_network(), study_network()
     slow_opt = torch.optim.Adam(slow_model.parameters(), lr=1e-3)
     fast_opt = torch.optim.Adam(fast_model.parameters(), lr=1e-3)
     slow = gs.GradNorm(3, slow_model[2], lr=0.05)
-    engine = gs.BatchPartitionEngine(fast_model)
+    engine = gs.BatchPartitionEngine(fast_model, factored=factored)
     fast = gs.GradNorm(3, fast_model[2], lr=0.05, engine=engine)
     for step in range(4):
         scaled = targets * (1 + step)
@@ -187,3 +215,35 @@ def test_remove_detaches_the_hooks():
         model(torch.randn(1, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="recorded no forward pass"):
         engine.jacobian([model(torch.randn(1, 8, dtype=torch.float64)).sum()], [model[0].weight])
+
+
+def test_auto_factors_wide_layers_with_few_rows_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2)
+    )
+    params = list(model.parameters())
+    for rows_per_task, expected in [(4, {2}), (64, set())]:  # only the 512 x 512 weight
+        engine = gs.BatchPartitionEngine(model)
+        x = torch.randn(10 * rows_per_task, 8)
+        with engine.record([rows_per_task] * 10):
+            out = model(x)
+        jacobian = engine.jacobian(list(out.sum(dim=1).reshape(10, -1).sum(dim=1)), params)
+        assert set(jacobian.factored) == expected
+
+
+def test_a_nan_gradient_in_a_factored_layer_names_its_task_and_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    engine = gs.BatchPartitionEngine(model, factored="always")
+    optimizer = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), engine=engine)
+    before = [p.detach().clone() for p in model.parameters()]
+    with engine.record([3, 3]):
+        out = model(torch.randn(6, 4, dtype=torch.float64))
+    # sqrt at 0: a finite loss (0) whose gradient is NaN, in task 1 only.
+    losses = [out[:3].pow(2).mean(), torch.sqrt((out[3:] - out[3:].detach()).pow(2)).sum()]
+    with pytest.raises(gs.NonFiniteError, match="task\\(s\\) 1 "):
+        optimizer.pc_backward(losses)
+    assert all(p.grad is None for p in model.parameters())
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
