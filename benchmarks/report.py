@@ -52,7 +52,8 @@ def _machine(payload: dict) -> list[str]:
         f"torch {m['torch']} ({m['torch_threads']} thread), Python {m['python']}, "
         f"gradsurgery {m['gradsurgery']} ({m.get('gradsurgery_commit') or 'commit unknown'}), "
         f"torchjd {m['torchjd'] or 'not installed'}.  ",
-        f"*Load average (1, 5, 15 min):* {load_start} at the start, {load_end} at the end.",
+        f"*Load average (1, 5, 15 min):* {load_start} at the start, {load_end} at the end. "
+        f"*Clock:* `{m.get('clock', 'time.perf_counter')}`.",
         "",
     ]
 

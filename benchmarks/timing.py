@@ -3,7 +3,7 @@
 Background load on a shared machine comes and goes. Timing each method in its own stretch
 would charge one method with a slow stretch; instead the methods run in round-robin blocks
 (method A for a few steps, then B, then C, then A again, ...), so a busy minute slows all of
-them alike. Each step is timed on its own with ``time.perf_counter``; a method's time is the
+them alike. Each step is timed on its own with ``CLOCK`` (below); a method's time is the
 median over all its steps, and its ratio to the plain step is also computed per round (the
 medians of the same round) to show how much the ratio itself moves.
 """
@@ -24,6 +24,13 @@ from pathlib import Path
 import torch
 
 Step = Callable[[], None]
+
+# The CPU time of this thread, not wall time: on a shared machine the process is descheduled
+# now and then, and wall time charges those pauses to whichever step they land in (more often
+# to the longer steps, which inflates their ratios). With ``torch.set_num_threads(1)`` every
+# operation, the backward pass included, runs on this thread, so its CPU time is the step's
+# cost. Nanosecond resolution on Linux (CLOCK_THREAD_CPUTIME_ID).
+CLOCK = time.thread_time
 
 
 @dataclass
@@ -54,9 +61,9 @@ def time_interleaved(
             gc.collect()  # outside the timed region: no method pays for another's garbage
             block_times = []
             for _ in range(block):
-                start = time.perf_counter()
+                start = CLOCK()
                 steps[name]()
-                block_times.append(time.perf_counter() - start)
+                block_times.append(CLOCK() - start)
             samples[name].times.extend(block_times)
             samples[name].round_medians.append(statistics.median(block_times))
     return samples
@@ -103,9 +110,9 @@ def time_one(step: Step, repeat: int = 2) -> float:
     """Smallest of ``repeat`` single-step times: a quick estimate to size the run."""
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = CLOCK()
         step()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, CLOCK() - start)
     return best
 
 
@@ -132,6 +139,7 @@ def machine() -> dict[str, object]:
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "clock": f"time.{CLOCK.__name__}",
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "torch": torch.__version__,
