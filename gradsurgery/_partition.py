@@ -210,7 +210,41 @@ class BatchPartitionEngine:
             for k, block in zip(plan.slow_columns, slow_blocks, strict=True):
                 blocks[plan.dense_slot[k]].copy_(block)
             reached[:, plan.slow_columns] = slow.reached
+        written, factors = self._fast_path(plan, calls, losses, blocks, retain_graph)
+        factored = {}
+        for k in plan.factored_weight.values():
+            rows = factors.get(k)
+            if rows is None:  # the losses never reached the layer: no rows, a zero gradient
+                p = params[k]
+                rows = [(p.new_zeros(0, p.shape[1]), p.new_zeros(0, p.shape[0]), _no_rows(p))]
+            else:
+                written.add(k)
+            inputs, grads_out, row_tasks = (torch.cat(parts) for parts in zip(*rows, strict=True))
+            factored[k] = FactoredGradients(inputs, grads_out, row_tasks, num_tasks)
+        if written == plan.fast_columns:  # the usual case: every fast-path layer was reached
+            reached |= plan.fast_reached
+        elif written:
+            reached[:, sorted(written)] = True
+        jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
+        if reference is not None:
+            _check_agreement(jacobian, reference)
+        return jacobian
 
+    def _fast_path(
+        self,
+        plan: _Plan,
+        calls: dict[nn.Module, list[_Call]],
+        losses: Sequence[Tensor],
+        blocks: Sequence[Tensor],
+        retain_graph: bool,
+    ) -> tuple[set[int], dict[int, list[tuple[Tensor, Tensor, Tensor]]]]:
+        """One backward pass of ``sum_i L_i`` to the recorded outputs, split by task.
+
+        Writes the dense per-task gradients into ``blocks``; returns the columns written and,
+        per factored column, the rows (inputs, output gradients, tasks) of each call.
+        """
+        sizes = self._task_sizes
+        assert sizes is not None
         outputs = [call.output for module in plan.fast for call in calls[module]]
         grads: Sequence[Tensor | None] = ()
         if outputs:
@@ -235,7 +269,7 @@ class BatchPartitionEngine:
                     module, call.input, grad_output, sizes, weight=factored_column is None
                 )
                 for name, k in targets:
-                    grad = task_grads[name].reshape(num_tasks, -1)
+                    grad = task_grads[name].reshape(len(sizes), -1)
                     if k in written:  # a second call of the same layer adds to the first
                         blocks[plan.dense_slot[k]].add_(grad)
                     else:
@@ -243,24 +277,7 @@ class BatchPartitionEngine:
                         written.add(k)
         for k in plan.fast_dense_columns - written:  # layers the losses never reached
             blocks[plan.dense_slot[k]].zero_()
-        factored = {}
-        for k in plan.factored_weight.values():
-            rows = factors.get(k)
-            if rows is None:  # the losses never reached the layer: no rows, a zero gradient
-                p = params[k]
-                rows = [(p.new_zeros(0, p.shape[1]), p.new_zeros(0, p.shape[0]), _no_rows(p))]
-            else:
-                written.add(k)
-            inputs, grads_out, row_tasks = (torch.cat(parts) for parts in zip(*rows, strict=True))
-            factored[k] = FactoredGradients(inputs, grads_out, row_tasks, num_tasks)
-        if written == plan.fast_columns:  # the usual case: every fast-path layer was reached
-            reached |= plan.fast_reached
-        elif written:
-            reached[:, sorted(written)] = True
-        jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
-        if reference is not None:
-            _check_agreement(jacobian, reference)
-        return jacobian
+        return written, factors
 
     def _plan(
         self,
