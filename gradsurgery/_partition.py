@@ -11,6 +11,7 @@ autograd call per task, so the result is always the full per-task Jacobian.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -370,6 +371,12 @@ def _no_rows(p: Tensor) -> Tensor:
 
 
 def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
+    """The task of every row, ``[sum(sizes)]`` (shared between calls: do not modify it)."""
+    return _cached_task_index(tuple(sizes), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_task_index(sizes: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.repeat_interleave(
         torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
     )
