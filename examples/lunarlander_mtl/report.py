@@ -245,6 +245,7 @@ def results_markdown(runs: dict[str, list[Run]]) -> str:
             + f" | {last100.mean():.1f} |"
         )
 
+    lines += per_seed_table(finished)
     lines += reference_comparison(finished, averages)
 
     signal_lines = []
@@ -277,6 +278,41 @@ def results_markdown(runs: dict[str, list[Run]]) -> str:
     if any(rs[0].config.get("method") == "pcgrad" for rs in runs.values()):
         lines += ["![PCGrad conflicts](pcgrad_conflicts.png)", ""]
     return "\n".join(lines)
+
+
+def per_seed_table(finished: dict[str, list[Run]]) -> list[str]:
+    """Every run's final evaluation per task and averaged, and its method signal."""
+    seeds = sorted({r.seed for rs in finished.values() for r in rs})
+    lines = [
+        "",
+        "## Per seed",
+        "",
+        "Final evaluation per run: " + " / ".join(TASK_NAMES) + ", then the 3-task average. "
+        "PCGrad: mean conflict rate over training; GradNorm: task weights over the last 30 "
+        "episodes (" + " / ".join(TASK_NAMES) + ").",
+        "",
+        "| configuration | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for name, rs in finished.items():
+        by_seed = {r.seed: r for r in rs}
+        cells = []
+        for seed in seeds:
+            run = by_seed.get(seed)
+            if run is None:
+                cells.append("")
+                continue
+            returns = run.final_returns()
+            cell = " / ".join(f"{v:.0f}" for v in returns) + f": **{returns.mean():.1f}**"
+            method = run.config.get("method")
+            if method == "pcgrad":
+                cell += f"; conflicts {np.nanmean(run.episodes['conflict_rate']):.2f}"
+            elif method == "gradnorm":
+                weights = [np.nanmean(run.episodes[f"weight_{t}"][-30:]) for t in TASK_NAMES]
+                cell += "; w " + " / ".join(f"{w:.2f}" for w in weights)
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def reference_comparison(finished: dict[str, list[Run]], averages: dict[str, np.ndarray]):

@@ -92,3 +92,15 @@ def test_report_sets_the_reference_beside_our_results(two_configs):
     assert "*146.1*" in rows["pcgrad-blind"] and "not run" in rows["pcgrad-blind"]
     assert "weights near 1.64 / 1.21 / 0.15" in rows["gradnorm-blind"]
     assert rows["gradnorm-blind"].count(" | ") == 9
+
+
+def test_per_seed_table_matches_each_runs_final_evaluation(two_configs):
+    runs = report.load_runs(two_configs)
+    text = report.write_report(two_configs).read_text()
+    section = text.split("## Per seed")[1].split("## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| gradnorm-blind |"))
+    cells = row.strip("| ").split(" | ")[1:]
+    assert len(cells) == 2  # seeds 0 and 1
+    for run, cell in zip(runs["gradnorm-blind"], cells, strict=True):
+        assert f"**{run.final_returns().mean():.1f}**" in cell
+        assert "; w " in cell  # GradNorm's final weights
