@@ -506,7 +506,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     return out
 
 
-RAW_FILES = ("config.json", "episodes.csv", "eval.csv")
+# summary.json is derived from the others except for the run's wall time and throughput,
+# which the study's README quotes: it travels with them.
+RAW_FILES = ("config.json", "episodes.csv", "eval.csv", "summary.json")
 
 
 def collect(runs_dir: str | Path, dest: str | Path) -> list[Path]:
