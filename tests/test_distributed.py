@@ -6,6 +6,7 @@ hangs fails the test through the join timeout instead of blocking the suite.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -107,6 +108,7 @@ def worker(rank: int, world: int, port: int, out: str, method: str, nan_at: int 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(train(method, rank, world, nan_at), Path(out) / f"rank{rank}.pt")
+        gc.collect()  # DDP's reducer (hooked on the parameters) goes before the group does
         dist.barrier()  # no process tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()

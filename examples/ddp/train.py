@@ -13,6 +13,7 @@ applies the PCGrad/GradNorm update of the global batch and the replicas stay ide
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -57,11 +58,19 @@ def main() -> None:
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     torch.set_num_threads(1)
-    torch.manual_seed(0)  # identical initial replicas (DDP also broadcasts rank 0's)
+    train(args, device)
+    # DDP's reducer lives on through hooks on the parameters: free everything of the run while
+    # the process group still exists, or its destruction at interpreter exit can abort.
+    gc.collect()
+    dist.barrier()  # no process tears the group down while another still talks to it
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, device: torch.device) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)  # identical initial replicas (DDP also broadcasts rank 0's)
     model = DistributedDataParallel(MultiTaskRegressor().to(device))
     net = model.module
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -94,8 +103,6 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(r, flat) for r in replicas)
         print(f"{world} processes, parameters identical on every rank: {same}")
-    dist.barrier()  # no process tears the group down while another still talks to it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
