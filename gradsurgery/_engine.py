@@ -146,6 +146,26 @@ class TaskJacobian:
             result += factors.gramian(result.dtype)
         return result
 
+    def squared_norms(self, mask: np.ndarray | None = None) -> Tensor:
+        """``[T]`` squared norms of the task gradients on the parameters selected by ``mask``.
+
+        The Gramian's diagonal, without its off-diagonal products (what GradNorm needs).
+        """
+        dense = self.dense
+        if dense.dtype in (torch.float16, torch.bfloat16):
+            dense = dense.float()
+        if mask is None or mask.all():
+            blocks, selected = [dense], list(self.factored.values())
+        else:
+            blocks = [dense[:, start:stop] for start, stop in self._column_runs(mask)]
+            selected = [f for k, f in self.factored.items() if mask[k]]
+        result = dense.new_zeros(self.num_tasks)
+        for block in blocks:
+            result += torch.linalg.vector_norm(block, dim=1).square()
+        for factors in selected:
+            result += factors.gramian(result.dtype).diagonal()
+        return result
+
     def _column_runs(self, mask: np.ndarray) -> list[tuple[int, int]]:
         """``[start, stop)`` column ranges of ``dense`` covering the selected parameters."""
         runs: list[tuple[int, int]] = []
@@ -159,13 +179,13 @@ class TaskJacobian:
             start += numel
         return runs
 
-    def combine(self, weights: Tensor) -> list[Tensor]:
+    def combine(self, weights: Tensor | Sequence[float]) -> list[Tensor]:
         """Per-parameter combinations of the task gradients, flattened (fresh tensors).
 
         ``weights`` is ``[T]`` (the same combination for every parameter) or
         ``[n_params, T]`` (row ``k`` for parameter ``k``).
         """
-        weights = weights.to(self.dense)
+        weights = torch.as_tensor(weights, dtype=self.dense.dtype, device=self.dense.device)
         if weights.dim() == 1:
             dense_parts = list((weights @ self.dense).split(self._dense_numels))
             rows = [weights] * len(self.numels)
@@ -285,25 +305,22 @@ def task_gradients(
 
 def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
     """Leaf tensors (parameters) reached by the autograd graphs of ``roots``, in a fixed order."""
-    leaves: list[Tensor] = []
-    seen: set[int] = set()
-    stack = []
-    for root in roots:
-        if root.grad_fn is None:
-            if root.requires_grad:
-                leaves.append(root)
-        else:
-            stack.append(root.grad_fn)
-    while stack:
+    leaves = [root for root in roots if root.grad_fn is None and root.requires_grad]
+    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    seen = set(stack)  # autograd nodes: their Python objects live as long as the graph
+    while stack:  # GradNorm walks the graph every step: keep the loop tight
         node = stack.pop()
-        if node is None or id(node) in seen:
+        if type(node) is _AccumulateGrad:  # a leaf's node; it has no next functions
+            leaves.append(node.variable)
             continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # only AccumulateGrad nodes have one
-        if variable is not None:
-            leaves.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        for next_node, _ in node.next_functions:
+            if next_node is not None and next_node not in seen:
+                seen.add(next_node)
+                stack.append(next_node)
     return _unique(leaves)
+
+
+_AccumulateGrad = torch._C._functions.AccumulateGrad
 
 
 def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:

@@ -317,13 +317,14 @@ class GradNorm:
         # W's parameters come first in either Jacobian (the full one or W's own).
         num_shared = len(self.shared_parameters)
         shared_mask = np.arange(len(at_shared.numels)) < num_shared
-        unreached = np.flatnonzero(~at_shared.reached[:, :num_shared].any(axis=1)).tolist()
-        if unreached:
+        reaches_shared = at_shared.reached[:, :num_shared].any(axis=1)
+        if not reaches_shared.all():
+            unreached = np.flatnonzero(~reaches_shared).tolist()
             raise ValueError(
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
                 "shared parameters, so GradNorm cannot balance it"
             )
-        squared_norms = at_shared.gramian(shared_mask).diagonal()
+        squared_norms = at_shared.squared_norms(shared_mask)
         norms = np.sqrt(np.array(squared_norms.tolist()).clip(0)) / scale
         bad = nonfinite_values(norms)
         if not bad and full is not None:
@@ -341,9 +342,7 @@ class GradNorm:
         loss_ratios = values / np.maximum(initial, np.finfo(np.float64).tiny)
         old_weights = self._weights(self._raw)
         weighted_norms = old_weights * norms
-        targets = F.gradnorm_targets(
-            torch.from_numpy(weighted_norms), torch.from_numpy(loss_ratios), self.alpha
-        ).numpy()
+        targets = F._gradnorm_targets(weighted_norms, loss_ratios, self.alpha)
         gradnorm_loss = float(np.abs(weighted_norms - targets).sum())
         raw_gradient = self._raw_gradient(old_weights, norms, targets)
         raw, adam = self._adam.step(self._raw, raw_gradient)
@@ -409,10 +408,11 @@ class GradNorm:
     ) -> None:
         """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
         if full is not None:  # the per-task gradients are all there: no second backward
-            combined = full.jacobian.combine(torch.from_numpy(weights))
+            params, grads = full.params, full.jacobian.combine(torch.from_numpy(weights))
             hit = full.jacobian.reached.any(axis=0)
-            params = [p for p, k in zip(full.params, hit, strict=True) if k]
-            grads = [g for g, k in zip(combined, hit, strict=True) if k]
+            if not hit.all():  # parameters no loss reaches keep their .grad, as after backward()
+                params = [p for p, k in zip(params, hit, strict=True) if k]
+                grads = [g for g, k in zip(grads, hit, strict=True) if k]
             # full.jacobian was checked finite before the weight update: nothing to check.
         else:
             weights_t = torch.from_numpy(weights).to(losses[0])

@@ -46,6 +46,7 @@ class _Plan:
     fast: list[nn.Module]  # fast-path layers, in recording order
     targets: dict[nn.Module, list[tuple[str, int]]]  # (parameter name, column) kept dense
     factored_weight: dict[nn.Module, int]  # Linear layers whose weight stays factored
+    linear_weight: dict[nn.Module, int]  # Linear layers whose weight is dense
     dense_numels: list[int]  # sizes of the dense blocks, in column order
     dense_slot: dict[int, int]  # column -> index of its dense block
     slow_columns: list[int]  # differentiated per task by autograd
@@ -266,15 +267,29 @@ class BatchPartitionEngine:
                     factors.setdefault(factored_column, []).append(
                         _linear_factors(module, call.input, grad_output, sizes)
                     )
+                # A Linear weight's first call writes its products straight into the matrix.
+                weight_out = None
+                weight_column = plan.linear_weight.get(module)
+                if weight_column is not None and weight_column not in written:
+                    weight_out = blocks[plan.dense_slot[weight_column]].view(
+                        len(sizes), *module.weight.shape
+                    )
                 task_grads = _task_grads(
-                    module, call.input, grad_output, sizes, weight=factored_column is None
+                    module,
+                    call.input,
+                    grad_output,
+                    sizes,
+                    weight=factored_column is None,
+                    weight_out=weight_out,
                 )
                 for name, k in targets:
-                    grad = task_grads[name].reshape(len(sizes), -1)
-                    if k in written:  # a second call of the same layer adds to the first
-                        blocks[plan.dense_slot[k]].add_(grad)
+                    grad = task_grads[name]
+                    if grad is weight_out:  # already in place
+                        written.add(k)
+                    elif k in written:  # a second call of the same layer adds to the first
+                        blocks[plan.dense_slot[k]].add_(grad.reshape(len(sizes), -1))
                     else:
-                        blocks[plan.dense_slot[k]].copy_(grad)
+                        blocks[plan.dense_slot[k]].copy_(grad.reshape(len(sizes), -1))
                         written.add(k)
         for k in plan.fast_dense_columns - written:  # layers the losses never reached
             blocks[plan.dense_slot[k]].zero_()
@@ -305,6 +320,14 @@ class BatchPartitionEngine:
             and id(module.weight) in column
             and self._factor(module, sum(c.input.numel() for c in calls[module]), len(sizes))
         }
+        linear_weight = {
+            module: column[id(module.weight)]
+            for module in fast
+            if isinstance(module, nn.Linear)
+            and id(module.weight) in column
+            and module not in factored_weight
+            and module.weight.dtype == params[0].dtype  # the matrix's dtype
+        }
         targets = {
             module: [
                 (name, column[id(p)])
@@ -322,6 +345,7 @@ class BatchPartitionEngine:
             fast=fast,
             targets=targets,
             factored_weight=factored_weight,
+            linear_weight=linear_weight,
             dense_numels=[params[k].numel() for k in dense],
             dense_slot={k: slot for slot, k in enumerate(dense)},
             slow_columns=[k for k in dense if k not in fast_columns],
@@ -391,14 +415,21 @@ def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
 
 
 def _task_grads(
-    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int], weight: bool = True
+    module: nn.Module,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool = True,
+    weight_out: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer.
 
-    ``weight=False`` leaves out a Linear layer's weight (kept factored instead).
+    ``weight=False`` leaves out a Linear layer's weight (kept factored instead);
+    ``weight_out`` (``[T, out, in]``) is where its weight's gradients may be written, in which
+    case the returned entry is ``weight_out`` itself.
     """
     if isinstance(module, nn.Linear):
-        return _linear_task_grads(module, x, grad_output, sizes, weight)
+        return _linear_task_grads(module, x, grad_output, sizes, weight, weight_out)
     num_rows = x.shape[0]
     if isinstance(module, nn.Embedding):
         dim, rows = module.embedding_dim, module.num_embeddings
@@ -428,7 +459,12 @@ def _task_grads(
 
 
 def _linear_task_grads(
-    module: nn.Linear, x: Tensor, grad_output: Tensor, sizes: Sequence[int], weight: bool = True
+    module: nn.Linear,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool = True,
+    weight_out: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``W_t = sum over task t's rows of g x^T``, ``b_t = sum of g`` (extra dims summed too)."""
     dtype = module.weight.dtype
@@ -439,7 +475,7 @@ def _linear_task_grads(
         gs = g.reshape(len(sizes), -1, module.out_features)
         if weight:
             xs = x.reshape(len(sizes), -1, module.in_features)
-            grads["weight"] = torch.bmm(gs.transpose(1, 2), xs)
+            grads["weight"] = torch.bmm(gs.transpose(1, 2), xs, out=weight_out)
         if module.bias is not None:
             grads["bias"] = gs.sum(dim=1)
         return grads

@@ -67,20 +67,24 @@ class PCGradInfo:
     tensor(True)
     """
 
-    __slots__ = ("_gramian", "nonfinite_tasks", "projections", "skipped")
+    __slots__ = ("_gramian", "_projections", "nonfinite_tasks", "skipped")
 
     def __init__(
         self,
         gramian: np.ndarray,
-        projections: np.ndarray,
+        projections: Sequence[tuple[int, int]] = (),
         *,
         skipped: bool = False,
         nonfinite_tasks: Sequence[int] = (),
     ) -> None:
         self._gramian = gramian
-        self.projections = torch.from_numpy(projections)
+        self._projections = projections  # (i, j) pairs; the [T, T] matrix is built when read
         self.skipped = skipped
         self.nonfinite_tasks = tuple(nonfinite_tasks)
+
+    @property
+    def projections(self) -> Tensor:
+        return torch.from_numpy(F._projection_matrix(self._projections, self._gramian.shape[0]))
 
     @property
     def gramian(self) -> Tensor:
@@ -155,10 +159,12 @@ class ConflictStats:
         if self.pair_conflicts is None:
             self.pair_conflicts = torch.zeros(num_tasks, num_tasks, dtype=torch.long)
         self.steps += 1
-        self.conflicting_pairs += int(np.count_nonzero(conflicts)) // 2
         self.pairs += num_tasks * (num_tasks - 1) // 2
-        counts = self.pair_conflicts.numpy()  # shares memory: NumPy is cheaper on [T, T]
-        counts += conflicts
+        num_conflicts = int(np.count_nonzero(conflicts))
+        if num_conflicts:  # most steps of most runs have none: skip the update then
+            self.conflicting_pairs += num_conflicts // 2
+            counts = self.pair_conflicts.numpy()  # shares memory: NumPy is cheaper on [T, T]
+            counts += conflicts
 
 
 class PCGrad(torch.optim.Optimizer):
@@ -387,7 +393,7 @@ class PCGrad(torch.optim.Optimizer):
         # only runs when the Gramian of the shared or of the unshared parameters says so.
         finite = np.isfinite(gramian).all()
         if finite and mask is not None:
-            finite = np.isfinite(_to_numpy(jacobian.gramian(~mask)).diagonal()).all()
+            finite = bool(torch.isfinite(jacobian.squared_norms(~mask)).all())
         bad = [] if finite else jacobian.nonfinite_tasks()
         if bad and grad_scaler is None:
             return self._nonfinite(bad, "gradient", num_tasks)
@@ -395,9 +401,8 @@ class PCGrad(torch.optim.Optimizer):
             gramian = _to_numpy(jacobian.gramian(mask, dtype=torch.float64))
 
         if bad:  # leave the overflow in .grad for the GradScaler to see and skip the step
-            combined = jacobian.combine(torch.ones(num_tasks))
-            no_projection = np.zeros((num_tasks, num_tasks), dtype=bool)
-            info = PCGradInfo(gramian, no_projection, skipped=True, nonfinite_tasks=bad)
+            combined = jacobian.combine([1.0] * num_tasks)
+            info = PCGradInfo(gramian, skipped=True, nonfinite_tasks=bad)
         else:
             weights, projected = F._pcgrad_weights(gramian, self.generator, self.reduction)
             if mask is not None:
@@ -423,14 +428,16 @@ class PCGrad(torch.optim.Optimizer):
             return reached.all(axis=0)
         return np.array([id(p) in self._shared_ids for p in params], dtype=bool)
 
-    def _with_unshared(self, weights: Tensor, shared: np.ndarray, reached: np.ndarray) -> Tensor:
+    def _with_unshared(
+        self, weights: Sequence[float], shared: np.ndarray, reached: np.ndarray
+    ) -> Tensor:
         """Per-parameter weights ``[n_params, T]``: surgery's where shared, plain elsewhere."""
         rows = torch.ones(len(shared), len(weights), dtype=torch.float64)
         if self.reduction == "mean":
             # Mean over the tasks that reach each parameter, not over all T: a task-specific
             # head learns at the same rate as it would alone.
             rows /= torch.from_numpy(np.maximum(reached.sum(axis=0), 1))[:, None]
-        rows[torch.from_numpy(shared)] = weights
+        rows[torch.from_numpy(shared)] = torch.tensor(weights, dtype=torch.float64)
         return rows
 
     def _nonfinite(self, bad: list[int], what: str, num_tasks: int) -> PCGradInfo:
@@ -442,10 +449,7 @@ class PCGrad(torch.optim.Optimizer):
             )
         self._skip_next_step = True
         return PCGradInfo(
-            np.full((num_tasks, num_tasks), np.nan),
-            np.zeros((num_tasks, num_tasks), dtype=bool),
-            skipped=True,
-            nonfinite_tasks=bad,
+            np.full((num_tasks, num_tasks), np.nan), skipped=True, nonfinite_tasks=bad
         )
 
 

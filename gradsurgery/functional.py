@@ -8,11 +8,15 @@ Gramian (``O(T^3)`` work) after a single ``O(T^2 P)`` product, and applied to ``
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._validation import check_reduction
+
+_Vector = TypeVar("_Vector", Tensor, np.ndarray)
 
 __all__ = [
     "conflicting_pairs",
@@ -188,10 +192,7 @@ def _pcgrad_coefficients_numpy(G: np.ndarray, orders: np.ndarray) -> tuple[np.nd
 def _pcgrad_coefficients_python(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same surgery as the NumPy version, task by task on Python floats."""
     rows, projections = _python_surgery(G.tolist(), orders.tolist())
-    projected = np.zeros(G.shape, dtype=bool)
-    for i, j in projections:
-        projected[i, j] = True
-    return np.array(rows), projected
+    return np.array(rows), _projection_matrix(projections, G.shape[0])
 
 
 def _python_surgery(
@@ -213,14 +214,16 @@ def _python_surgery(
 
 def _pcgrad_weights(
     G: np.ndarray, generator: torch.Generator | None, reduction: str
-) -> tuple[Tensor, np.ndarray]:
-    """Draw the orders, do the surgery on ``G``, reduce: PCGrad's ``c`` (float64) and the
-    ``[T, T]`` projections. What PCGrad runs every step, with as few operations as it can."""
+) -> tuple[list[float], list[tuple[int, int]]]:
+    """Draw the orders, do the surgery on ``G``, reduce: PCGrad's weights ``c`` (one float per
+    task) and the projections done, as ``(i, j)`` pairs. What PCGrad runs every step, with as
+    few operations as it can: a training loop pays for every call here."""
     num_tasks = G.shape[0]
     if num_tasks > _PYTHON_MAX_TASKS:
         orders = _projection_orders(num_tasks, generator)
         coefficients, projected = _pcgrad_coefficients_numpy(G, orders)
-        return torch.from_numpy(_reduce_coefficients(coefficients, reduction)), projected
+        weights = _reduce_coefficients(coefficients, reduction).tolist()
+        return weights, [(int(i), int(j)) for i, j in np.argwhere(projected)]
     keys = _order_keys(num_tasks, generator).tolist()
     orders = [  # a stable sort, as NumPy's: the same orders from the same keys
         sorted((j for j in range(num_tasks) if j != i), key=row.__getitem__)
@@ -230,10 +233,15 @@ def _pcgrad_weights(
     weights = [sum(column) for column in zip(*rows, strict=True)]
     if reduction == "mean":
         weights = [w / num_tasks for w in weights]
+    return weights, projections
+
+
+def _projection_matrix(projections: list[tuple[int, int]], num_tasks: int) -> np.ndarray:
+    """``[T, T]`` bool, True at every ``(i, j)`` of ``projections``."""
     projected = np.zeros((num_tasks, num_tasks), dtype=bool)
     for i, j in projections:
         projected[i, j] = True
-    return torch.tensor(weights, dtype=torch.float64), projected
+    return projected
 
 
 def pcgrad(
@@ -351,8 +359,14 @@ def gradnorm_targets(weighted_norms: Tensor, loss_ratios: Tensor, alpha: float) 
     >>> gradnorm_targets(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 1.5]), alpha=1.0)
     tensor([1., 3.])
     """
+    return _gradnorm_targets(weighted_norms, loss_ratios, alpha).detach()
+
+
+def _gradnorm_targets(weighted_norms: _Vector, loss_ratios: _Vector, alpha: float) -> _Vector:
+    # Tensors or NumPy arrays: GradNorm's own update runs on float64 NumPy vectors of T
+    # numbers, for which a torch call costs more than the arithmetic.
     relative_rates = loss_ratios / loss_ratios.mean()
-    return (weighted_norms.mean() * relative_rates**alpha).detach()
+    return weighted_norms.mean() * relative_rates**alpha
 
 
 def gradnorm_loss(weighted_norms: Tensor, targets: Tensor) -> Tensor:

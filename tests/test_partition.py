@@ -34,6 +34,7 @@ class Mixed(nn.Module):
             e = e[:, None, :].expand(-1, x.shape[1], -1)
         h = torch.tanh(self.norm(self.fc1(torch.cat([x, e], dim=-1))))
         h = h + torch.relu(self.fc2(h)) * self.scale
+        h = h + 0.5 * self.fc2(h)  # a second call of the same layer adds to the first
         flat = h.reshape(-1, 1, 16)
         h = h + self.conv(flat).mean(dim=1).reshape(h.shape)
         return self.head(h)
@@ -71,6 +72,8 @@ def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, see
     torch.testing.assert_close(actual.gramian(), matrix @ matrix.T, **close)
     selected = matrix[:, columns]
     torch.testing.assert_close(actual.gramian(mask), selected @ selected.T, **close)
+    torch.testing.assert_close(actual.squared_norms(mask), selected.square().sum(1), **close)
+    torch.testing.assert_close(actual.squared_norms(), matrix.square().sum(1), **close)
     weights = torch.randn(num_tasks, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(torch.cat(actual.combine(weights)), weights @ matrix, **close)
     per_param = torch.randn(num_params, num_tasks, generator=generator, dtype=torch.float64)
