@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -303,21 +304,37 @@ def task_gradients(
     return task_jacobian(losses, param_list, retain_graph=retain_graph).matrix
 
 
-def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
-    """Leaf tensors (parameters) reached by the autograd graphs of ``roots``, in a fixed order."""
+def graph_leaves(
+    roots: Sequence[Tensor], bypass: dict[torch.autograd.graph.Node, Any] | None = None
+) -> list[Tensor]:
+    """Leaf tensors (parameters) reached by the autograd graphs of ``roots``, in a fixed order.
+
+    ``bypass`` maps nodes to the node the walk goes on from instead (``None``: stop there).
+    """
+    bypass = bypass or {}
     leaves = [root for root in roots if root.grad_fn is None and root.requires_grad]
-    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    stack = [_follow(root.grad_fn, bypass) for root in roots if root.grad_fn is not None]
     seen = set(stack)  # autograd nodes: their Python objects live as long as the graph
     while stack:  # GradNorm walks the graph every step: keep the loop tight
         node = stack.pop()
+        if node is None:
+            continue
         if type(node) is _AccumulateGrad:  # a leaf's node; it has no next functions
             leaves.append(node.variable)
             continue
         for next_node, _ in node.next_functions:
+            if next_node in bypass:
+                next_node = _follow(next_node, bypass)
             if next_node is not None and next_node not in seen:
                 seen.add(next_node)
                 stack.append(next_node)
     return _unique(leaves)
+
+
+def _follow(node: Any, bypass: dict[Any, Any]) -> Any:
+    while node in bypass:  # chains: a layer called on its own output
+        node = bypass[node]
+    return node
 
 
 _AccumulateGrad = torch._C._functions.AccumulateGrad

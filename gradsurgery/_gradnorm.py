@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -327,8 +326,10 @@ class GradNorm:
         squared_norms = at_shared.squared_norms(shared_mask)
         norms = np.sqrt(np.array(squared_norms.tolist()).clip(0)) / scale
         bad = nonfinite_values(norms)
-        if not bad and full is not None:
-            bad = full.jacobian.nonfinite_tasks()  # below W, before anything changes
+        if not bad and full is not None:  # the parameters besides W, before anything changes
+            others = full.jacobian.squared_norms(~shared_mask)
+            if not bool(torch.isfinite(others).all()):  # NaN/Inf, or a float32 overflow
+                bad = full.jacobian.nonfinite_tasks()
         if bad:
             if grad_scaler is None or not weighted_backward:
                 return self._nonfinite(bad, "gradient")
@@ -467,7 +468,8 @@ class _Adam:
 
     def step(self, param: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, _Adam]:
         beta1, beta2 = self.betas
-        new = copy.copy(self)
+        new = _Adam.__new__(_Adam)  # copy.copy costs more than the update itself
+        new.lr, new.betas, new.eps = self.lr, self.betas, self.eps
         new.steps = self.steps + 1
         new.exp_avg = self.exp_avg + (grad - self.exp_avg) * (1 - beta1)  # torch's lerp
         new.exp_avg_sq = self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from ._engine import FactoredGradients, TaskJacobian, task_jacobian
+from ._engine import FactoredGradients, TaskJacobian, graph_leaves, task_jacobian
 
 # Exact types: a subclass may override ``forward`` and break the gradient formulas below.
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
@@ -33,6 +33,12 @@ class _Call(NamedTuple):
 
     input: Tensor  # detached (indices for an Embedding)
     output: Tensor  # still in the autograd graph
+    source: Tensor  # the input as passed, in the graph
+    versions: tuple[int, int]  # of input and output when recorded: an in-place change shows
+
+    def modified(self) -> bool:
+        """Whether the input or the output was changed in place after the call."""
+        return (self.source._version, self.output._version) != self.versions
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,10 @@ class BatchPartitionEngine:
     rows first, then task 1's, ...), treats samples independently, and each task's loss depends
     only on its own rows: the usual multi-task setting. ``nn.Linear``, ``nn.Embedding`` and
     ``nn.LayerNorm`` take the fast path; the parameters of any other layer are differentiated
-    per task by autograd, so the result is the same Jacobian as the default engine's.
+    per task by autograd, so the result is the same Jacobian as the default engine's. So are
+    those of a supported layer whose parameter is also used outside its calls (weight tying, a
+    penalty on the weights in the loss) or whose input or output is changed in place after the
+    call: the engine detects both at every step and warns once.
 
     Parameters
     ----------
@@ -123,6 +132,7 @@ class BatchPartitionEngine:
         self._recording = False
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._unrecorded: set[nn.Module] = set()
+        self._warned: set[nn.Module] = set()  # layers found unsafe (warned about once)
         self._plans: dict[tuple, _Plan] = {}
         layers = [module for module in model.modules() if type(module) in _SUPPORTED]
         self._owned = {m: list(m.named_parameters(recurse=False)) for m in layers}
@@ -186,17 +196,18 @@ class BatchPartitionEngine:
                 "their parameters took the slow per-task path this step",
                 stacklevel=3,
             )
+        slow = (unrecorded | self._unsafe_layers(losses, calls)) & calls.keys()
         key = (
             tuple(map(id, params)),
             tuple(sizes),
             tuple((m, tuple(c.input.shape for c in cs)) for m, cs in calls.items()),
-            frozenset(unrecorded & calls.keys()),
+            frozenset(slow),
         )
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 8:  # training loops repeat a few shapes; do not grow
                 self._plans.clear()
-            plan = self._plans[key] = self._plan(params, calls, unrecorded)
+            plan = self._plans[key] = self._plan(params, calls, slow)
 
         # Large Linear weights stay factored (inputs and output gradients); the rest is written
         # in place, block by block, into one [T, P_dense] matrix: peak memory is that matrix
@@ -231,6 +242,45 @@ class BatchPartitionEngine:
         if reference is not None:
             _check_agreement(jacobian, reference)
         return jacobian
+
+    def _unsafe_layers(
+        self, losses: Sequence[Tensor], calls: dict[nn.Module, list[_Call]]
+    ) -> set[nn.Module]:
+        """Recorded layers whose calls do not give their parameters' whole gradient.
+
+        A parameter may also be used outside its layer's calls (weight tying, a penalty on the
+        weights in the loss), and a call's input or output may have been changed in place
+        afterwards. Either makes ``D^T X`` wrong, so those layers take the slow path. The check
+        walks the graph from the losses, stepping over every recorded call (from its output to
+        its input): a layer parameter still reached is used somewhere else.
+        """
+        unsafe = {
+            module
+            for module, module_calls in calls.items()
+            if any(c.modified() for c in module_calls)
+        }
+        owner = {id(p): module for module in calls for _, p in self._owned[module]}
+        bypass = {
+            call.output.grad_fn: call.source.grad_fn
+            for module, module_calls in calls.items()
+            if module not in unsafe
+            for call in module_calls
+        }
+        leaves = graph_leaves(losses, bypass)
+        leaves += [c.source for cs in calls.values() for c in cs if c.source.grad_fn is None]
+        unsafe.update(owner[id(leaf)] for leaf in leaves if id(leaf) in owner)
+        if unsafe - self._warned:
+            self._warned |= unsafe
+            names = {module: name for name, module in self.model.named_modules()}
+            warnings.warn(
+                "BatchPartitionEngine: "
+                + ", ".join(sorted(names.get(m, type(m).__name__) for m in unsafe))
+                + ": a parameter is also used outside the layer's calls (weight tying, a "
+                "penalty in the loss) or the layer's input or output was changed in place; "
+                "these layers take the slow per-task path",
+                stacklevel=4,
+            )
+        return unsafe
 
     def _fast_path(
         self,
@@ -299,7 +349,7 @@ class BatchPartitionEngine:
         self,
         params: Sequence[Tensor],
         calls: dict[nn.Module, list[_Call]],
-        unrecorded: set[nn.Module],
+        slow: set[nn.Module],
     ) -> _Plan:
         """Which parameters take the fast path, which are factored, where each one goes."""
         sizes = self._task_sizes
@@ -308,7 +358,7 @@ class BatchPartitionEngine:
         fast = [
             module
             for module, module_calls in calls.items()
-            if module not in unrecorded
+            if module not in slow
             and _fast_path_applies(module)
             and all(call.input.shape[0] == sum(sizes) for call in module_calls)
             and any(id(p) in column for _, p in self._owned[module])
@@ -381,7 +431,8 @@ class BatchPartitionEngine:
             # A call the engine cannot attribute to tasks: its module takes the slow path.
             self._unrecorded.add(module)
             return
-        self._calls.setdefault(module, []).append(_Call(x.detach(), output))
+        versions = (x._version, output._version)
+        self._calls.setdefault(module, []).append(_Call(x.detach(), output, x, versions))
 
 
 def _fast_path_applies(module: nn.Module) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -104,7 +106,9 @@ def test_fast_engine_equals_autograd_to_float64_precision(sizes, equal, sequence
     engine = gs.BatchPartitionEngine(model, factored=factored)
     with engine.record(sizes):
         out = model(x, task_ids)
-    actual = engine.jacobian(losses_on_slices(out, y, sizes), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer is sent to the slow path
+        actual = engine.jacobian(losses_on_slices(out, y, sizes), params)
 
     if factored == "always":  # fc1, fc2 and head
         assert len(actual.factored) == 3
@@ -250,3 +254,78 @@ def test_a_nan_gradient_in_a_factored_layer_names_its_task_and_changes_nothing()
     assert all(p.grad is None for p in model.parameters())
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
+
+
+class Tied(nn.Module):
+    """Ways a layer's recorded calls miss part of its parameters' gradient."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.embed = nn.Embedding(5, 4)
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, tokens):
+        h = self.fc(self.embed(tokens))
+        if self.case == "inplace-output":
+            h.tanh_()  # D must be the gradient before tanh, not after
+        if self.case == "inplace-input":
+            e = self.embed(tokens)
+            h = self.fc(e)
+            e.mul_(2)  # the detached input the engine kept changes with it
+        if self.case == "tied":  # the output projection reuses the embedding matrix
+            return self.out(h) + h @ self.embed.weight[:3].T
+        if self.case == "penalty":
+            return self.out(h) + 0.1 * self.fc.weight.pow(2).sum()
+        if self.case == "weight-as-input":  # a layer's parameter fed to another layer
+            return self.out(h) + self.fc(self.out.weight).sum()
+        return self.out(h)
+
+
+@pytest.mark.parametrize(
+    ("case", "slow"),
+    [
+        ("inplace-output", {"fc"}),
+        ("tied", {"embed"}),
+        ("penalty", {"fc"}),
+        ("weight-as-input", {"out"}),
+    ],
+)
+def test_a_parameter_used_outside_its_layer_takes_the_slow_path(case, slow):
+    torch.manual_seed(0)
+    model = Tied(case)
+    tokens = torch.randint(5, (6,))
+    sizes = [2, 4]
+    params = list(model.parameters())
+    expected = task_jacobian(losses_on_slices(model(tokens), torch.zeros(6, 3), sizes), params)
+    engine = gs.BatchPartitionEngine(model)
+    for step in range(2):  # warned once, then silent; right both times
+        with engine.record(sizes):
+            out = model(tokens)
+        losses = losses_on_slices(out, torch.zeros(6, 3), sizes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            actual = engine.jacobian(losses, params)
+        messages = [str(w.message) for w in caught]
+        if step == 0:
+            assert len(messages) == 1 and all(name in messages[0] for name in slow)
+        else:
+            assert messages == []
+        assert_same_task_gradients(actual, expected, seed=step)
+
+
+def test_an_input_changed_in_place_after_the_call_takes_the_slow_path():
+    torch.manual_seed(0)
+    model = Tied("inplace-input")
+    tokens = torch.randint(5, (6,))
+    params = list(model.parameters())
+    # Autograd itself refuses: the input was saved for the backward, then modified.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        task_jacobian(losses_on_slices(model(tokens), torch.zeros(6, 3), [3, 3]), params)
+    engine = gs.BatchPartitionEngine(model)
+    with engine.record([3, 3]):
+        out = model(tokens)
+    with pytest.warns(UserWarning, match="fc"), pytest.raises(RuntimeError, match="inplace"):
+        engine.jacobian(losses_on_slices(out, torch.zeros(6, 3), [3, 3]), params)
