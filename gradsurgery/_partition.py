@@ -136,6 +136,7 @@ class BatchPartitionEngine:
         self._plans: dict[tuple, _Plan] = {}
         layers = [module for module in model.modules() if type(module) in _SUPPORTED]
         self._owned = {m: list(m.named_parameters(recurse=False)) for m in layers}
+        self._owner = {id(p): m for m, owned in self._owned.items() for _, p in owned}
         self._handles = [
             module.register_forward_hook(self._on_forward, with_kwargs=True) for module in layers
         ]
@@ -254,21 +255,18 @@ class BatchPartitionEngine:
         walks the graph from the losses, stepping over every recorded call (from its output to
         its input): a layer parameter still reached is used somewhere else.
         """
-        unsafe = {
-            module
-            for module, module_calls in calls.items()
-            if any(c.modified() for c in module_calls)
-        }
-        owner = {id(p): module for module in calls for _, p in self._owned[module]}
-        bypass = {
-            call.output.grad_fn: call.source.grad_fn
-            for module, module_calls in calls.items()
-            if module not in unsafe
-            for call in module_calls
-        }
+        unsafe = {module for module, cs in calls.items() if any(c.modified() for c in cs)}
+        bypass = {}
+        for module, module_calls in calls.items():
+            if module not in unsafe:
+                for call in module_calls:
+                    bypass[call.output.grad_fn] = call.source.grad_fn
         leaves = graph_leaves(losses, bypass)
         leaves += [c.source for cs in calls.values() for c in cs if c.source.grad_fn is None]
-        unsafe.update(owner[id(leaf)] for leaf in leaves if id(leaf) in owner)
+        for leaf in leaves:  # the second kind: a layer parameter fed to a recorded call
+            module = self._owner.get(id(leaf))
+            if module in calls:  # layers without recorded calls take the slow path anyway
+                unsafe.add(module)
         if unsafe - self._warned:
             self._warned |= unsafe
             names = {module: name for name, module in self.model.named_modules()}

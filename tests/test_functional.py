@@ -230,3 +230,20 @@ def test_pcgrad_rejects_bad_shapes():
         F.pcgrad(torch.zeros(2, 3), reduction="max")
     with pytest.raises(ValueError, match="orders"):
         F.pcgrad_coefficients(torch.eye(3), torch.zeros(3, 1, dtype=torch.long))
+
+
+def test_pcgrads_step_draws_its_orders_even_without_conflicts():
+    # The generator's stream must not depend on the data: a resumed or rerun training draws
+    # the same orders whatever the conflicts of earlier steps were.
+    agreeing = F.gramian(torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.0]]))
+    conflicting = F.gramian(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    states = []
+    for G in (agreeing, conflicting):
+        generator = torch.Generator().manual_seed(7)
+        weights, projections = F._pcgrad_weights(G.numpy(), generator, "mean")
+        states.append(generator.get_state())
+        if G is agreeing:
+            assert weights == [1 / 3] * 3 and projections == []
+        else:
+            assert projections
+    assert torch.equal(states[0], states[1])
