@@ -20,6 +20,19 @@ from torch import Tensor
 
 from ._validation import check_losses, nonfinite_tasks
 
+# Below this many input features, CPU BLAS computes ``g^T x`` (a thin [out, in] result) several
+# times slower than ``x^T g`` and a transposed copy: 58 vs 16 us for the study's first layer
+# (8 -> 256, 3 x 64 rows), 950 vs 160 us at 8 -> 2048.
+_THIN_INPUT = 16
+
+
+def outer_sums(g: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``g^T x`` over the last two dimensions (``[..., rows, out]``, ``[..., rows, in]``)."""
+    if x.shape[-1] >= _THIN_INPUT:
+        return torch.matmul(g.transpose(-1, -2), x, out=out)
+    transposed = torch.matmul(x.transpose(-1, -2), g).transpose(-1, -2)
+    return transposed if out is None else out.copy_(transposed)
+
 
 @dataclass(frozen=True)
 class FactoredGradients:
@@ -62,14 +75,14 @@ class FactoredGradients:
     def combine(self, weights: Tensor) -> Tensor:
         """``sum_t weights[t] D_t^T X_t``, flattened to ``[out * in]``."""
         row_weights = weights.to(self.output_grads)[self.row_tasks]
-        return ((self.output_grads * row_weights[:, None]).T @ self.inputs).reshape(-1)
+        return outer_sums(self.output_grads * row_weights[:, None], self.inputs).reshape(-1)
 
     def dense(self) -> Tensor:
         """The ``[T, out * in]`` per-task gradients: the memory the factored form avoids."""
         # Each task from its own rows only: a NaN in one task's rows stays in that task.
         return torch.stack(
             [
-                (self.output_grads[rows].T @ self.inputs[rows]).reshape(-1)
+                outer_sums(self.output_grads[rows], self.inputs[rows]).reshape(-1)
                 for rows in (self.row_tasks == t for t in range(self.num_tasks))
             ]
         )

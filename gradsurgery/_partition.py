@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from ._engine import FactoredGradients, TaskJacobian, graph_leaves, task_jacobian
+from ._engine import FactoredGradients, TaskJacobian, graph_leaves, outer_sums, task_jacobian
 
 # Exact types: a subclass may override ``forward`` and break the gradient formulas below.
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
@@ -524,7 +524,7 @@ def _linear_task_grads(
         gs = g.reshape(len(sizes), -1, module.out_features)
         if weight:
             xs = x.reshape(len(sizes), -1, module.in_features)
-            grads["weight"] = torch.bmm(gs.transpose(1, 2), xs, out=weight_out)
+            grads["weight"] = outer_sums(gs, xs, weight_out)
         if module.bias is not None:
             grads["bias"] = gs.sum(dim=1)
         return grads
@@ -534,8 +534,10 @@ def _linear_task_grads(
         starts = [sum(sizes[:t]) for t in range(len(sizes))]
         grads["weight"] = torch.stack(
             [
-                g[a : a + n].reshape(-1, module.out_features).T
-                @ x[a : a + n].reshape(-1, module.in_features)
+                outer_sums(
+                    g[a : a + n].reshape(-1, module.out_features),
+                    x[a : a + n].reshape(-1, module.in_features),
+                )
                 for a, n in zip(starts, sizes, strict=True)
             ]
         )

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import gradsurgery as gs
-from gradsurgery._engine import graph_leaves
+from gradsurgery._engine import graph_leaves, outer_sums
 from tests._models import model_and_batch
 
 
@@ -43,3 +43,16 @@ def test_graph_leaves_finds_exactly_the_reached_parameters():
     found = {id(p) for p in graph_leaves(losses)}
     expected = {id(p) for p in [*model.body.parameters(), *model.heads[0].parameters()]}
     assert found == expected
+
+
+@pytest.mark.parametrize("fan_in", [1, 8, 15, 16, 40])  # both sides of the thin-input switch
+def test_outer_sums_is_g_transposed_times_x_in_place_or_not(fan_in):
+    g, x = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, fan_in, dtype=torch.float64)
+    expected = torch.einsum("tro,tri->toi", g, x)
+    torch.testing.assert_close(outer_sums(g, x), expected)
+    matrix = torch.zeros(3, 2 + 5 * fan_in, dtype=torch.float64)  # a block of a [T, P] matrix
+    written = outer_sums(g, x, out=matrix[:, 2:].view(3, 5, fan_in))
+    assert written.data_ptr() == matrix[:, 2:].data_ptr()
+    torch.testing.assert_close(matrix[:, 2:].view(3, 5, fan_in), expected)
+    assert not matrix[:, :2].any()
+    torch.testing.assert_close(outer_sums(g[0], x[0]), expected[0])  # 2-D
