@@ -298,9 +298,9 @@ class BatchPartitionEngine:
         outputs = [call.output for module in plan.fast for call in calls[module]]
         grads: Sequence[Tensor | None] = ()
         if outputs:
-            total = torch.stack(list(losses)).sum()
+            # The gradient of sum_i L_i: autograd adds up the losses' gradients itself.
             grads = torch.autograd.grad(
-                total, outputs, retain_graph=retain_graph, allow_unused=True
+                list(losses), outputs, retain_graph=retain_graph, allow_unused=True
             )
         output_grads = iter(grads)
         written: set[int] = set()
