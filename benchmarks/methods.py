@@ -121,6 +121,42 @@ def gs_gradnorm(model: nn.Module, batches: list[Batch], fast: bool = False) -> S
     return step
 
 
+def engine_hooks_only(model: nn.Module, batches: list[Batch]) -> Step:
+    """DIAGNOSTIC: the plain step, its forward pass recorded by the engine's hooks."""
+    engine = gs.BatchPartitionEngine(model)
+    optimizer, next_batch = _adam(model), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        batch = next_batch()
+        with engine.record(task_sizes=batch.task_sizes):
+            losses = task_losses(model, batch)
+        (sum(losses) / len(losses)).backward()
+        optimizer.step()
+
+    return step
+
+
+def engine_gradients_mean(model: nn.Module, batches: list[Batch]) -> Step:
+    """DIAGNOSTIC: the engine's per-task gradients, averaged: a method with no surgery at all."""
+    engine = gs.BatchPartitionEngine(model)
+    optimizer, next_batch = _adam(model), _cycle(batches)
+    params = list(model.parameters())
+    numels = [p.numel() for p in params]
+
+    def step() -> None:
+        optimizer.zero_grad()
+        batch = next_batch()
+        with engine.record(task_sizes=batch.task_sizes):
+            losses = task_losses(model, batch)
+        mean = engine.jacobian(losses, params).matrix.mean(dim=0)
+        for p, grad in zip(params, mean.split(numels), strict=True):
+            p.grad = grad.view_as(p)
+        optimizer.step()
+
+    return step
+
+
 def straightforward_pcgrad(model: nn.Module, batches: list[Batch]) -> Step:
     """BASELINE: one retained backward per task and a Python loop of projections."""
     optimizer, next_batch = StraightforwardPCGrad(_adam(model)), _cycle(batches)
@@ -178,6 +214,18 @@ METHODS: dict[str, MethodSpec] = {
             "gs-gradnorm-fast",
             "gradsurgery GradNorm, batch-partition engine",
             lambda m, b: gs_gradnorm(m, b, fast=True),
+            needs="fast",
+        ),
+        MethodSpec(
+            "engine-hooks",
+            "diagnostic: plain step under the engine's hooks",
+            engine_hooks_only,
+            needs="fast",
+        ),
+        MethodSpec(
+            "engine-mean",
+            "diagnostic: engine's per-task gradients, averaged",
+            engine_gradients_mean,
             needs="fast",
         ),
         MethodSpec(

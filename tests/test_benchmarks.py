@@ -40,3 +40,28 @@ def test_memory_probe_reports_peak_rss() -> None:
     out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
     assert peak > 0
+
+
+def test_diagnostic_methods_compute_the_plain_step_s_gradient() -> None:
+    # The diagnostics time pieces of a fast-engine step; they must do the plain step's work.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from methods import METHODS
+    from models import make_batches, make_model
+
+    torch.manual_seed(0)
+    model = make_model("aware")
+    batches = make_batches(model, 3, 8, count=2)
+    grads, weights = {}, {}
+    for key in ("plain", "engine-hooks", "engine-mean"):
+        copy = make_model("aware")
+        copy.load_state_dict(model.state_dict())
+        step = METHODS[key].build(copy, batches)
+        for _ in range(2):  # the second step's gradient is left in .grad
+            step()
+        grads[key] = torch.cat([p.grad.flatten() for p in copy.parameters()])
+        weights[key] = torch.cat([p.detach().flatten() for p in copy.parameters()])
+    assert grads["plain"].abs().sum() > 0
+    torch.testing.assert_close(grads["engine-hooks"], grads["plain"], rtol=0, atol=0)
+    torch.testing.assert_close(grads["engine-mean"], grads["plain"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weights["engine-mean"], weights["plain"], rtol=1e-5, atol=1e-7)
