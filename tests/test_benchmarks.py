@@ -7,7 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# Top-level module names of benchmarks/ that other folders (the example) use too.
+_BENCHMARK_MODULES = ("baselines", "methods", "models", "timing")
+
+
+@pytest.fixture
+def benchmarks_importable():
+    """``benchmarks/`` on ``sys.path``, and the example's same-named modules out of the way."""
+    saved = {name: sys.modules.pop(name) for name in _BENCHMARK_MODULES if name in sys.modules}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        for name in _BENCHMARK_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
 
 
 def test_benchmark_runner_writes_json_and_markdown(tmp_path: Path) -> None:
@@ -42,9 +60,9 @@ def test_memory_probe_reports_peak_rss() -> None:
     assert peak > 0
 
 
+@pytest.mark.usefixtures("benchmarks_importable")
 def test_diagnostic_methods_compute_the_plain_step_s_gradient() -> None:
     # The diagnostics time pieces of a fast-engine step; they must do the plain step's work.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
     from methods import METHODS
     from models import make_batches, make_model
