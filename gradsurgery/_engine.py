@@ -345,9 +345,14 @@ def graph_leaves(
 
 
 def _follow(node: Any, bypass: dict[Any, Any]) -> Any:
-    while node in bypass:  # chains: a layer called on its own output
+    for _ in range(len(bypass) + 1):  # chains: a layer called on its own output
+        if node not in bypass:
+            return node
         node = bypass[node]
-    return node
+    # Only tensors that share one autograd node (outputs of one compiled graph) can loop.
+    raise RuntimeError(
+        "the graph walk's bypass has a cycle: recorded outputs share one autograd node"
+    )
 
 
 _AccumulateGrad = torch._C._functions.AccumulateGrad

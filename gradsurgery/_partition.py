@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from ._engine import FactoredGradients, TaskJacobian, graph_leaves, outer_sums, task_jacobian
 
+# torch.compiler.is_compiling is public from torch 2.3; torch._dynamo's before.
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
 # Exact types: a subclass may override ``forward`` and break the gradient formulas below.
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
@@ -73,7 +76,8 @@ class BatchPartitionEngine:
     per task by autograd, so the result is the same Jacobian as the default engine's. So are
     those of a supported layer whose parameter is also used outside its calls (weight tying, a
     penalty on the weights in the loss) or whose input or output is changed in place after the
-    call: the engine detects both at every step and warns once.
+    call: the engine detects both at every step and warns once. The model must run uncompiled:
+    a forward pass traced by ``torch.compile`` is refused (the default engine handles those).
 
     Parameters
     ----------
@@ -130,6 +134,7 @@ class BatchPartitionEngine:
         self.factored = factored
         self._task_sizes: list[int] | None = None
         self._recording = False
+        self._compiled = False  # a hooked layer ran inside a torch.compile graph
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._unrecorded: set[nn.Module] = set()
         self._warned: set[nn.Module] = set()  # layers found unsafe (warned about once)
@@ -155,6 +160,7 @@ class BatchPartitionEngine:
             raise ValueError(f"task_sizes must be positive row counts, got {list(task_sizes)}")
         self._task_sizes = sizes
         self._calls = {}
+        self._compiled = False
         self._recording = True
         try:
             yield self
@@ -172,10 +178,17 @@ class BatchPartitionEngine:
         self, losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
     ) -> TaskJacobian:
         """Per-task gradients of ``params`` for the losses of the last recorded forward pass."""
+        if self._compiled:
+            raise RuntimeError(
+                "BatchPartitionEngine cannot record a model run by torch.compile: the compiled "
+                "graph hides its layers' outputs from autograd. Use the default engine "
+                "(engine=None), which works with compiled models, or run the model uncompiled"
+            )
         if self._task_sizes is None or not self._calls:
             raise RuntimeError(
                 "BatchPartitionEngine recorded no forward pass: run the model inside "
-                "`with engine.record(task_sizes):` before the backward"
+                "`with engine.record(task_sizes):` before the backward (a model compiled by "
+                "torch.compile may skip the engine's hooks: use the default engine with it)"
             )
         if len(losses) != len(self._task_sizes):
             raise ValueError(
@@ -423,6 +436,11 @@ class BatchPartitionEngine:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
         if not output.requires_grad:
+            return
+        if _is_compiling():
+            # Traced by torch.compile, this hook would record tensors the compiled graph
+            # returns, not the ones its backward runs through. Dynamo replays this flag.
+            self._compiled = True
             return
         x = args[0] if args else kwargs.get("input")
         if not self._recording or not isinstance(x, Tensor):

@@ -56,3 +56,11 @@ def test_outer_sums_is_g_transposed_times_x_in_place_or_not(fan_in):
     torch.testing.assert_close(matrix[:, 2:].view(3, 5, fan_in), expected)
     assert not matrix[:, :2].any()
     torch.testing.assert_close(outer_sums(g[0], x[0]), expected[0])  # 2-D
+
+
+def test_graph_leaves_refuses_a_bypass_cycle_instead_of_looping_forever():
+    w = torch.ones(2, requires_grad=True)
+    loss = (w * 2).sum()
+    node = loss.grad_fn.next_functions[0][0]  # MulBackward0
+    with pytest.raises(RuntimeError, match="cycle"):
+        graph_leaves([loss], {node: node})
