@@ -24,8 +24,10 @@ from torch import Tensor, nn
 
 from ._engine import FactoredGradients, TaskJacobian, graph_leaves, outer_sums, task_jacobian
 
-# torch.compiler.is_compiling is public from torch 2.3; torch._dynamo's before.
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+try:
+    from torch.compiler import is_compiling as _is_compiling  # public from torch 2.3
+except ImportError:  # torch 2.2
+    from torch._dynamo import is_compiling as _is_compiling
 
 # Exact types: a subclass may override ``forward`` and break the gradient formulas below.
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
