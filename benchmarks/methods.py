@@ -123,14 +123,12 @@ def gs_gradnorm(model: nn.Module, batches: list[Batch], fast: bool = False) -> S
 
 def engine_hooks_only(model: nn.Module, batches: list[Batch]) -> Step:
     """DIAGNOSTIC: the plain step, its forward pass recorded by the engine's hooks."""
-    engine = gs.BatchPartitionEngine(model)
+    recorded_losses, _ = _losses_fn(model, fast=True)
     optimizer, next_batch = _adam(model), _cycle(batches)
 
     def step() -> None:
         optimizer.zero_grad()
-        batch = next_batch()
-        with engine.record(task_sizes=batch.task_sizes):
-            losses = task_losses(model, batch)
+        losses = recorded_losses(next_batch())
         (sum(losses) / len(losses)).backward()
         optimizer.step()
 
@@ -139,18 +137,15 @@ def engine_hooks_only(model: nn.Module, batches: list[Batch]) -> Step:
 
 def engine_gradients_mean(model: nn.Module, batches: list[Batch]) -> Step:
     """DIAGNOSTIC: the engine's per-task gradients, averaged: a method with no surgery at all."""
-    engine = gs.BatchPartitionEngine(model)
+    recorded_losses, options = _losses_fn(model, fast=True)
     optimizer, next_batch = _adam(model), _cycle(batches)
     params = list(model.parameters())
     numels = [p.numel() for p in params]
 
     def step() -> None:
         optimizer.zero_grad()
-        batch = next_batch()
-        with engine.record(task_sizes=batch.task_sizes):
-            losses = task_losses(model, batch)
-        mean = engine.jacobian(losses, params).matrix.mean(dim=0)
-        for p, grad in zip(params, mean.split(numels), strict=True):
+        jacobian = options["engine"].jacobian(recorded_losses(next_batch()), params)
+        for p, grad in zip(params, jacobian.matrix.mean(dim=0).split(numels), strict=True):
             p.grad = grad.view_as(p)
         optimizer.step()
 
