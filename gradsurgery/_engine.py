@@ -279,6 +279,13 @@ class AutogradEngine:
     ) -> TaskJacobian:
         return task_jacobian(losses, params, retain_graph=retain_graph)
 
+    def reached_jacobian(
+        self, losses: Sequence[Tensor], leading: Sequence[Tensor]
+    ) -> tuple[list[Tensor], TaskJacobian]:
+        """Per-task gradients of ``leading``, then of every other parameter the losses reach."""
+        params = _unique([*leading, *graph_leaves(losses)])
+        return params, task_jacobian(losses, params)
+
 
 def task_gradients(
     losses: Sequence[Tensor],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as F
 from ._distributed import Synchronizer, synchronizer
 from ._engine import AutogradEngine, TaskJacobian, accumulate_grads, as_parameter_list, graph_leaves
 from ._partition import BatchPartitionEngine
@@ -36,14 +37,13 @@ class _FullJacobian:
     jacobian: TaskJacobian
 
 
-@dataclass(frozen=True)
 class GradNormInfo:
     """What one GradNorm update saw and did.
 
     Attributes
     ----------
     weights : Tensor
-        ``[T]`` task weights after the update (those the weighted backward used).
+        ``[T]`` float64 task weights after the update (those the weighted backward used).
     grad_norms : Tensor
         ``[T]`` raw norms ``||grad_W L_i||`` at the shared parameters ``W``.
     weighted_grad_norms : Tensor
@@ -78,15 +78,62 @@ class GradNormInfo:
     True
     """
 
-    weights: Tensor
-    grad_norms: Tensor
-    weighted_grad_norms: Tensor
-    targets: Tensor
-    loss_ratios: Tensor
-    gradnorm_loss: float
-    weight_gradient: Tensor
-    skipped: bool = False
-    nonfinite_tasks: tuple[int, ...] = ()
+    __slots__ = ("_vectors", "gradnorm_loss", "nonfinite_tasks", "skipped")
+
+    def __init__(
+        self,
+        weights: Sequence[float],
+        grad_norms: Sequence[float],
+        weighted_grad_norms: Sequence[float],
+        targets: Sequence[float],
+        loss_ratios: Sequence[float],
+        gradnorm_loss: float,
+        weight_gradient: Sequence[float],
+        *,
+        skipped: bool = False,
+        nonfinite_tasks: Sequence[int] = (),
+    ) -> None:
+        # T numbers each; the tensors are built when read, so a loop that ignores them does
+        # not pay for them.
+        self._vectors = (weights, grad_norms, weighted_grad_norms, targets, loss_ratios)
+        self._vectors += (weight_gradient,)
+        self.gradnorm_loss = gradnorm_loss
+        self.skipped = skipped
+        self.nonfinite_tasks = tuple(nonfinite_tasks)
+
+    @property
+    def weights(self) -> Tensor:
+        return _float64(self._vectors[0])
+
+    @property
+    def grad_norms(self) -> Tensor:
+        return _float64(self._vectors[1])
+
+    @property
+    def weighted_grad_norms(self) -> Tensor:
+        return _float64(self._vectors[2])
+
+    @property
+    def targets(self) -> Tensor:
+        return _float64(self._vectors[3])
+
+    @property
+    def loss_ratios(self) -> Tensor:
+        return _float64(self._vectors[4])
+
+    @property
+    def weight_gradient(self) -> Tensor:
+        return _float64(self._vectors[5])
+
+    def __repr__(self) -> str:
+        return (
+            f"GradNormInfo(weights={self.weights}, grad_norms={self.grad_norms}, "
+            f"gradnorm_loss={self.gradnorm_loss:.4g}, skipped={self.skipped})"
+        )
+
+
+def _float64(values: Sequence[float]) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64)
 
 
 class GradNorm:
@@ -177,17 +224,18 @@ class GradNorm:
         self.engine = engine if engine is not None else AutogradEngine()
         self.distributed = distributed
         self.process_group = process_group
-        # The learned vector: log-weights (softmax) or raw weights (renormalize). T scalars:
-        # float64 NumPy keeps them exact and identical across devices and processes.
-        initial = np.zeros if parametrization == "softmax" else np.ones
-        self._raw = initial(num_tasks, dtype=np.float64)
+        # The learned vector: log-weights (softmax) or raw weights (renormalize). T Python
+        # floats (float64): exact and identical across devices and processes, and for so few
+        # numbers plain arithmetic costs less than NumPy or torch calls.
+        self._raw = [0.0 if parametrization == "softmax" else 1.0] * num_tasks
+        self._current_weights = self._weights(self._raw)
         self._adam = _Adam(num_tasks, lr=lr)
         self.initial_losses: Tensor | None = None
 
     @property
     def weights(self) -> Tensor:
         """Current task weights, shape ``[T]``, positive and summing to ``T`` (a copy)."""
-        return torch.from_numpy(self._weights(self._raw))
+        return _float64(self._current_weights)
 
     @property
     def lr(self) -> float:
@@ -246,7 +294,7 @@ class GradNorm:
         """Weights, ``L(0)`` and the state of the weights' Adam."""
         return {
             "parametrization": self.parametrization,
-            "raw_weights": torch.from_numpy(self._raw.copy()),
+            "raw_weights": _float64(self._raw),
             "initial_losses": None if self.initial_losses is None else self.initial_losses.clone(),
             "optimizer": self._adam.state_dict(),
         }
@@ -259,12 +307,13 @@ class GradNorm:
                 f"this GradNorm uses {self.parametrization!r}"
             )
         raw = state_dict["raw_weights"]
-        if raw.shape != self._raw.shape:
+        if raw.shape != (self.num_tasks,):
             raise ValueError(
                 f"state_dict has {raw.numel()} task weights, expected {self.num_tasks}"
             )
         self._adam.load_state_dict(state_dict["optimizer"])
-        self._raw = raw.detach().to(torch.float64).numpy().copy()
+        self._raw = raw.detach().to(torch.float64).tolist()
+        self._current_weights = self._weights(self._raw)
         initial = state_dict["initial_losses"]
         self.initial_losses = None if initial is None else initial.clone()
 
@@ -273,23 +322,28 @@ class GradNorm:
         return f"GradNorm(num_tasks={self.num_tasks}, alpha={self.alpha}, weights=[{weights}])"
 
     # -- internals ---------------------------------------------------------------------------
-    def _weights(self, raw: np.ndarray) -> np.ndarray:
+    def _weights(self, raw: list[float]) -> list[float]:
         if self.parametrization == "softmax":
-            exp = np.exp(raw - raw.max())
-            return self.num_tasks * exp / exp.sum()
-        return raw.copy()
+            top = max(raw)
+            exp = [math.exp(r - top) for r in raw]
+            total = sum(exp)
+            return [self.num_tasks * e / total for e in exp]
+        return list(raw)
 
-    def _raw_gradient(self, weights: np.ndarray, norms: np.ndarray, targets: np.ndarray):
+    def _raw_gradient(
+        self, weights: list[float], norms: list[float], targets: list[float]
+    ) -> list[float]:
         """Gradient of ``sum_i |w_i n_i - target_i|`` with respect to the learned vector.
 
         ``G_i = w_i n_i`` with ``n_i = ||grad_W L_i||`` independent of ``w``, so the gradient
         is analytic: no double backward through the network is ever needed.
         """
-        d_weights = np.sign(weights * norms - targets) * norms
+        d_weights = [_sign(w * n - t) * n for w, n, t in zip(weights, norms, targets, strict=True)]
         if self.parametrization == "renormalize":
             return d_weights
         # w = T softmax(theta): dL/dtheta_j = w_j (a_j - sum_i a_i w_i / T), a = dL/dw.
-        return weights * (d_weights - d_weights @ weights / self.num_tasks)
+        mean = sum(a * w for a, w in zip(d_weights, weights, strict=True)) / self.num_tasks
+        return [w * (a - mean) for a, w in zip(d_weights, weights, strict=True)]
 
     def _update(
         self,
@@ -323,33 +377,31 @@ class GradNorm:
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
                 "shared parameters, so GradNorm cannot balance it"
             )
-        squared_norms = at_shared.squared_norms(shared_mask)
-        norms = np.sqrt(np.array(squared_norms.tolist()).clip(0)) / scale
+        squared_norms = at_shared.squared_norms(shared_mask).tolist()
+        norms = [math.sqrt(max(value, 0.0)) / scale for value in squared_norms]
         bad = nonfinite_values(norms)
-        if not bad and full is not None:  # the parameters besides W, before anything changes
-            others = full.jacobian.squared_norms(~shared_mask)
-            if not bool(torch.isfinite(others).all()):  # NaN/Inf, or a float32 overflow
-                bad = full.jacobian.nonfinite_tasks()
+        if not bad and full is not None:  # every other parameter, before anything changes
+            bad = full.jacobian.nonfinite_tasks()
         if bad:
             if grad_scaler is None or not weighted_backward:
                 return self._nonfinite(bad, "gradient")
             # An fp16 overflow: keep the weights and let the scaler skip this step.
-            self._weighted_backward(scaled, self._weights(self._raw), full)
+            self._weighted_backward(scaled, self._current_weights, full)
             return self._nonfinite(bad, "gradient", raise_error=False)
 
-        values = np.array(values)
-        initial = values if self.initial_losses is None else self.initial_losses.numpy()
+        initial = values if self.initial_losses is None else self.initial_losses.tolist()
         # A task whose loss starts at 0 has no loss ratio; tiny keeps the ratio finite.
-        loss_ratios = values / np.maximum(initial, np.finfo(np.float64).tiny)
-        old_weights = self._weights(self._raw)
-        weighted_norms = old_weights * norms
-        targets = F._gradnorm_targets(weighted_norms, loss_ratios, self.alpha)
-        gradnorm_loss = float(np.abs(weighted_norms - targets).sum())
+        loss_ratios = [v / max(v0, _TINY) for v, v0 in zip(values, initial, strict=True)]
+        old_weights = self._current_weights
+        weighted_norms = [w * n for w, n in zip(old_weights, norms, strict=True)]
+        targets = _targets(weighted_norms, loss_ratios, self.alpha)
+        gradnorm_loss = sum(abs(g - t) for g, t in zip(weighted_norms, targets, strict=True))
         raw_gradient = self._raw_gradient(old_weights, norms, targets)
         raw, adam = self._adam.step(self._raw, raw_gradient)
         if self.parametrization == "renormalize":
-            raw = np.maximum(raw, 1e-8)
-            raw *= self.num_tasks / raw.sum()
+            raw = [max(r, 1e-8) for r in raw]
+            total = sum(raw)
+            raw = [r * (self.num_tasks / total) for r in raw]
         new_weights = self._weights(raw)
 
         if weighted_backward:
@@ -360,16 +412,11 @@ class GradNorm:
                     raise
                 return self._nonfinite([], "gradient", raise_error=False)
         # Commit only now: a refused call leaves the weights, L(0) and Adam untouched.
-        self._raw, self._adam = raw, adam
-        self.initial_losses = torch.from_numpy(initial)
+        self._raw, self._adam, self._current_weights = raw, adam, new_weights
+        if self.initial_losses is None:
+            self.initial_losses = _float64(initial)
         return GradNormInfo(
-            weights=torch.from_numpy(new_weights),
-            grad_norms=torch.from_numpy(norms),
-            weighted_grad_norms=torch.from_numpy(weighted_norms),
-            targets=torch.from_numpy(targets),
-            loss_ratios=torch.from_numpy(loss_ratios),
-            gradnorm_loss=gradnorm_loss,
-            weight_gradient=torch.from_numpy(raw_gradient),
+            new_weights, norms, weighted_norms, targets, loss_ratios, gradnorm_loss, raw_gradient
         )
 
     def _jacobians(
@@ -391,10 +438,8 @@ class GradNorm:
             if sync is not None:
                 at_shared, values = sync.all_reduce(at_shared, values)
             return None, at_shared, values
-        shared_ids = {id(p) for p in self.shared_parameters}
-        others = [p for p in graph_leaves(losses) if id(p) not in shared_ids]
-        params = [*self.shared_parameters, *others]  # W first: its columns are a prefix
-        full = self.engine.jacobian(losses, params)
+        # W first: its columns are a prefix.
+        params, full = self.engine.reached_jacobian(losses, self.shared_parameters)
         if sync is not None:
             full, values = sync.all_reduce(full, values)
         return _FullJacobian(params, full), full, values
@@ -402,22 +447,21 @@ class GradNorm:
     def _weighted_backward(
         self,
         losses: list[Tensor],
-        weights: np.ndarray,
+        weights: list[float],
         full: _FullJacobian | None,
         *,
         check: bool = False,
     ) -> None:
         """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
         if full is not None:  # the per-task gradients are all there: no second backward
-            params, grads = full.params, full.jacobian.combine(torch.from_numpy(weights))
+            params, grads = full.params, full.jacobian.combine(weights)
             hit = full.jacobian.reached.any(axis=0)
             if not hit.all():  # parameters no loss reaches keep their .grad, as after backward()
                 params = [p for p, k in zip(params, hit, strict=True) if k]
                 grads = [g for g, k in zip(grads, hit, strict=True) if k]
             # full.jacobian was checked finite before the weight update: nothing to check.
         else:
-            weights_t = torch.from_numpy(weights).to(losses[0])
-            weighted = sum(w * loss for w, loss in zip(weights_t.unbind(), losses, strict=True))
+            weighted = sum(w * loss for w, loss in zip(weights, losses, strict=True))
             leaves = graph_leaves(losses)
             found = torch.autograd.grad(weighted, leaves, allow_unused=True)
             params = [p for p, g in zip(leaves, found, strict=True) if g is not None]
@@ -434,24 +478,24 @@ class GradNorm:
                 f"the {what} of task(s) {', '.join(map(str, bad))} holds NaN or Inf; nothing was "
                 "changed (pass nonfinite='skip' to skip such steps instead)"
             )
-        nan = torch.full((self.num_tasks,), float("nan"), dtype=torch.float64)
+        nan = [math.nan] * self.num_tasks
         return GradNormInfo(
-            weights=self.weights,
-            grad_norms=nan,
-            weighted_grad_norms=nan,
-            targets=nan,
-            loss_ratios=nan,
-            gradnorm_loss=float("nan"),
-            weight_gradient=nan,
+            self._current_weights,
+            nan,
+            nan,
+            nan,
+            nan,
+            math.nan,
+            nan,
             skipped=True,
-            nonfinite_tasks=tuple(bad),
+            nonfinite_tasks=bad,
         )
 
 
 class _Adam:
     """Adam for the task weights, with torch.optim.Adam's exact update (no weight decay).
 
-    Written out because the weights are ``T`` NumPy scalars: a ``torch.optim.Adam`` step costs
+    Written out because the weights are ``T`` Python floats: a ``torch.optim.Adam`` step costs
     more than the rest of the GradNorm update. ``step`` returns the new values and a new state
     instead of mutating, so a refused call can simply drop them.
     """
@@ -463,20 +507,25 @@ class _Adam:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.lr, self.betas, self.eps = float(lr), betas, eps
         self.steps = 0
-        self.exp_avg = np.zeros(size)
-        self.exp_avg_sq = np.zeros(size)
+        self.exp_avg = [0.0] * size
+        self.exp_avg_sq = [0.0] * size
 
-    def step(self, param: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, _Adam]:
+    def step(self, param: list[float], grad: list[float]) -> tuple[list[float], _Adam]:
         beta1, beta2 = self.betas
         new = _Adam.__new__(_Adam)  # copy.copy costs more than the update itself
         new.lr, new.betas, new.eps = self.lr, self.betas, self.eps
         new.steps = self.steps + 1
-        new.exp_avg = self.exp_avg + (grad - self.exp_avg) * (1 - beta1)  # torch's lerp
-        new.exp_avg_sq = self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-        bias_correction1 = 1 - beta1**new.steps
-        bias_correction2 = 1 - beta2**new.steps
-        denom = np.sqrt(new.exp_avg_sq) / np.sqrt(bias_correction2) + self.eps
-        return param - (self.lr / bias_correction1) * new.exp_avg / denom, new
+        # torch's operations in torch's order, so that the floats are the same.
+        new.exp_avg = [m + (g - m) * (1 - beta1) for m, g in zip(self.exp_avg, grad, strict=True)]
+        new.exp_avg_sq = [
+            v * beta2 + (1 - beta2) * g * g for v, g in zip(self.exp_avg_sq, grad, strict=True)
+        ]
+        step_size = self.lr / (1 - beta1**new.steps)
+        root_correction = math.sqrt(1 - beta2**new.steps)
+        return [
+            p - step_size * m / (math.sqrt(v) / root_correction + self.eps)
+            for p, m, v in zip(param, new.exp_avg, new.exp_avg_sq, strict=True)
+        ], new
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -484,8 +533,8 @@ class _Adam:
             "betas": self.betas,
             "eps": self.eps,
             "step": self.steps,
-            "exp_avg": torch.from_numpy(self.exp_avg.copy()),
-            "exp_avg_sq": torch.from_numpy(self.exp_avg_sq.copy()),
+            "exp_avg": _float64(self.exp_avg),
+            "exp_avg_sq": _float64(self.exp_avg_sq),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -497,5 +546,19 @@ class _Adam:
             )
         self.lr, self.betas, self.eps = state["lr"], tuple(state["betas"]), state["eps"]
         self.steps = int(state["step"])
-        self.exp_avg = state["exp_avg"].numpy().copy()
-        self.exp_avg_sq = state["exp_avg_sq"].numpy().copy()
+        self.exp_avg = state["exp_avg"].tolist()
+        self.exp_avg_sq = state["exp_avg_sq"].tolist()
+
+
+_TINY = sys.float_info.min  # the smallest normal float64
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def _targets(weighted_norms: list[float], loss_ratios: list[float], alpha: float) -> list[float]:
+    """:func:`gradsurgery.functional.gradnorm_targets` on Python floats."""
+    mean_ratio = sum(loss_ratios) / len(loss_ratios)
+    mean_norm = sum(weighted_norms) / len(weighted_norms)
+    return [mean_norm * (r / mean_ratio) ** alpha for r in loss_ratios]

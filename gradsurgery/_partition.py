@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from ._engine import FactoredGradients, TaskJacobian, graph_leaves, outer_sums, task_jacobian
+from ._engine import (
+    FactoredGradients,
+    TaskJacobian,
+    _unique,
+    graph_leaves,
+    outer_sums,
+    task_jacobian,
+)
 
 try:
     from torch.compiler import is_compiling as _is_compiling  # public from torch 2.3
@@ -180,6 +187,27 @@ class BatchPartitionEngine:
         self, losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
     ) -> TaskJacobian:
         """Per-task gradients of ``params`` for the losses of the last recorded forward pass."""
+        calls, slow, _ = self._take_recording(losses)
+        return self._jacobian(losses, params, calls, slow, retain_graph)
+
+    def reached_jacobian(
+        self, losses: Sequence[Tensor], leading: Sequence[Tensor]
+    ) -> tuple[list[Tensor], TaskJacobian]:
+        """Per-task gradients of ``leading``, then of every other parameter the losses reach.
+
+        Returns the parameters (``leading`` first) and their Jacobian. The graph walk that
+        checks the recorded layers also finds the parameters: no second walk.
+        """
+        calls, slow, leaves = self._take_recording(losses)
+        recorded = [p for module in calls for _, p in self._owned[module] if p.requires_grad]
+        params = _unique([*leading, *recorded, *leaves])
+        return params, self._jacobian(losses, params, calls, slow, retain_graph=False)
+
+    def _take_recording(
+        self, losses: Sequence[Tensor]
+    ) -> tuple[dict[nn.Module, list[_Call]], set[nn.Module], list[Tensor]]:
+        """The recorded calls (the engine forgets them), the layers that must take the slow
+        path, and the leaves the losses reach outside the recorded calls."""
         if self._compiled:
             raise RuntimeError(
                 "BatchPartitionEngine cannot record a model run by torch.compile: the compiled "
@@ -197,8 +225,6 @@ class BatchPartitionEngine:
                 f"{len(losses)} losses for a batch recorded with {len(self._task_sizes)} tasks "
                 f"(task_sizes={self._task_sizes})"
             )
-        sizes = self._task_sizes
-        reference = task_jacobian(losses, params, retain_graph=True) if self.verify else None
         calls, self._calls = self._calls, {}
         unrecorded, self._unrecorded = self._unrecorded, set()
         if unrecorded & calls.keys():
@@ -210,9 +236,22 @@ class BatchPartitionEngine:
                 )
                 + " ran with grad enabled outside engine.record() since the last backward; "
                 "their parameters took the slow per-task path this step",
-                stacklevel=3,
+                stacklevel=4,
             )
-        slow = (unrecorded | self._unsafe_layers(losses, calls)) & calls.keys()
+        unsafe, leaves = self._unsafe_layers(losses, calls)
+        return calls, (unrecorded | unsafe) & calls.keys(), leaves
+
+    def _jacobian(
+        self,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        calls: dict[nn.Module, list[_Call]],
+        slow: set[nn.Module],
+        retain_graph: bool,
+    ) -> TaskJacobian:
+        sizes = self._task_sizes
+        assert sizes is not None
+        reference = task_jacobian(losses, params, retain_graph=True) if self.verify else None
         key = (
             tuple(map(id, params)),
             tuple(sizes),
@@ -261,8 +300,9 @@ class BatchPartitionEngine:
 
     def _unsafe_layers(
         self, losses: Sequence[Tensor], calls: dict[nn.Module, list[_Call]]
-    ) -> set[nn.Module]:
-        """Recorded layers whose calls do not give their parameters' whole gradient.
+    ) -> tuple[set[nn.Module], list[Tensor]]:
+        """Recorded layers whose calls do not give their parameters' whole gradient, and the
+        leaves the losses reach outside the recorded calls.
 
         A parameter may also be used outside its layer's calls (weight tying, a penalty on the
         weights in the loss), and a call's input or output may have been changed in place
@@ -277,7 +317,12 @@ class BatchPartitionEngine:
                 for call in module_calls:
                     bypass[call.output.grad_fn] = call.source.grad_fn
         leaves = graph_leaves(losses, bypass)
-        leaves += [c.source for cs in calls.values() for c in cs if c.source.grad_fn is None]
+        leaves += [
+            c.source
+            for cs in calls.values()
+            for c in cs
+            if c.source.grad_fn is None and c.source.requires_grad
+        ]
         for leaf in leaves:  # the second kind: a layer parameter fed to a recorded call
             module = self._owner.get(id(leaf))
             if module in calls:  # layers without recorded calls take the slow path anyway
@@ -291,9 +336,9 @@ class BatchPartitionEngine:
                 + ": a parameter is also used outside the layer's calls (weight tying, a "
                 "penalty in the loss) or the layer's input or output was changed in place; "
                 "these layers take the slow per-task path",
-                stacklevel=4,
+                stacklevel=5,
             )
-        return unsafe
+        return unsafe, leaves
 
     def _fast_path(
         self,

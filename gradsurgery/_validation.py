@@ -80,7 +80,7 @@ def nonfinite_tasks(values: Tensor) -> list[int]:
     rows = values.reshape(values.shape[0], -1)
     # NaN and Inf survive a sum, so one reduction clears the common case; only a non-finite
     # sum (a real NaN/Inf, or a float overflow of the sum) pays for the exact elementwise test.
-    if bool(torch.isfinite(rows.sum(dim=1)).all()):
+    if math.isfinite(rows.sum()):
         return []
     finite = torch.isfinite(rows).all(dim=1)
     return torch.nonzero(~finite).flatten().tolist()

@@ -8,15 +8,11 @@ Gramian (``O(T^3)`` work) after a single ``O(T^2 P)`` product, and applied to ``
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._validation import check_reduction
-
-_Vector = TypeVar("_Vector", Tensor, np.ndarray)
 
 __all__ = [
     "conflicting_pairs",
@@ -363,14 +359,8 @@ def gradnorm_targets(weighted_norms: Tensor, loss_ratios: Tensor, alpha: float) 
     >>> gradnorm_targets(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 1.5]), alpha=1.0)
     tensor([1., 3.])
     """
-    return _gradnorm_targets(weighted_norms, loss_ratios, alpha).detach()
-
-
-def _gradnorm_targets(weighted_norms: _Vector, loss_ratios: _Vector, alpha: float) -> _Vector:
-    # Tensors or NumPy arrays: GradNorm's own update runs on float64 NumPy vectors of T
-    # numbers, for which a torch call costs more than the arithmetic.
     relative_rates = loss_ratios / loss_ratios.mean()
-    return weighted_norms.mean() * relative_rates**alpha
+    return (weighted_norms.mean() * relative_rates**alpha).detach()
 
 
 def gradnorm_loss(weighted_norms: Tensor, targets: Tensor) -> Tensor:
