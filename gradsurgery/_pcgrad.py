@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,40 +72,40 @@ class PCGradInfo:
 
     def __init__(
         self,
-        gramian: np.ndarray,
+        gramian: list[list[float]],
         projections: Sequence[tuple[int, int]] = (),
         *,
         skipped: bool = False,
         nonfinite_tasks: Sequence[int] = (),
     ) -> None:
-        self._gramian = gramian
-        self._projections = projections  # (i, j) pairs; the [T, T] matrix is built when read
+        self._gramian = gramian  # T lists of T floats; the tensors are built when read
+        self._projections = projections  # (i, j) pairs
         self.skipped = skipped
         self.nonfinite_tasks = tuple(nonfinite_tasks)
 
     @property
     def projections(self) -> Tensor:
-        return torch.from_numpy(F._projection_matrix(self._projections, self._gramian.shape[0]))
+        return torch.from_numpy(F._projection_matrix(self._projections, len(self._gramian)))
 
     @property
     def gramian(self) -> Tensor:
-        return torch.from_numpy(self._gramian)
+        return torch.tensor(self._gramian, dtype=torch.float64)
 
     @property
     def grad_norms(self) -> Tensor:
-        return torch.from_numpy(np.sqrt(np.clip(self._gramian.diagonal(), 0, None)))
+        return torch.from_numpy(np.sqrt(np.clip(np.diagonal(self._gramian), 0, None)))
 
     @property
     def cosine(self) -> Tensor:
-        return torch.from_numpy(F._cosine_similarity_matrix(self._gramian))
+        return torch.from_numpy(F._cosine_similarity_matrix(np.array(self._gramian)))
 
     @property
     def num_conflicts(self) -> int:
-        return F._conflicting_pairs(self._gramian)
+        return len(F._conflicts(self._gramian))
 
     @property
     def conflict_rate(self) -> float:
-        num_tasks = self._gramian.shape[0]
+        num_tasks = len(self._gramian)
         num_pairs = num_tasks * (num_tasks - 1) // 2
         return self.num_conflicts / num_pairs if num_pairs else 0.0
 
@@ -152,19 +153,20 @@ class ConflictStats:
         """Fraction of the pairs seen that conflicted."""
         return self.conflicting_pairs / self.pairs if self.pairs else 0.0
 
-    def update(self, gramian: np.ndarray) -> None:
+    def update(self, gramian: list[list[float]]) -> None:
         """Count the conflicts of one step's ``[T, T]`` Gramian (called by PCGrad)."""
-        conflicts = gramian < 0  # the diagonal holds squared norms: never negative
-        num_tasks = gramian.shape[0]
+        num_tasks = len(gramian)
         if self.pair_conflicts is None:
             self.pair_conflicts = torch.zeros(num_tasks, num_tasks, dtype=torch.long)
         self.steps += 1
         self.pairs += num_tasks * (num_tasks - 1) // 2
-        num_conflicts = int(np.count_nonzero(conflicts))
-        if num_conflicts:  # most steps of most runs have none: skip the update then
-            self.conflicting_pairs += num_conflicts // 2
-            counts = self.pair_conflicts.numpy()  # shares memory: NumPy is cheaper on [T, T]
-            counts += conflicts
+        conflicts = F._conflicts(gramian)
+        if conflicts:  # most steps of most runs have none
+            self.conflicting_pairs += len(conflicts)
+            counts = self.pair_conflicts.numpy()  # shares memory
+            for i, j in conflicts:
+                counts[i, j] += 1
+                counts[j, i] += 1
 
 
 class PCGrad(torch.optim.Optimizer):
@@ -387,18 +389,19 @@ class PCGrad(torch.optim.Optimizer):
         if not all_reached or self._shared_ids is not None:
             shared = self._shared_mask(params, reached)
         mask = None if shared is None or shared.all() else shared
-        # The [T, T] work happens on the CPU in float64, whatever the device of the gradients.
-        gramian = _to_numpy(jacobian.gramian(mask))
+        # The [T, T] work happens on the CPU in float64 (Python floats), whatever the device
+        # of the gradients: for T numbers per row, plain arithmetic costs less than any call.
+        gramian = jacobian.gramian(mask).tolist()
         # A NaN or Inf gradient makes its Gramian row non-finite: the exact (costlier) check
         # only runs when the Gramian of the shared or of the unshared parameters says so.
-        finite = np.isfinite(gramian).all()
+        finite = all(math.isfinite(value) for row in gramian for value in row)
         if finite and mask is not None:
             finite = bool(torch.isfinite(jacobian.squared_norms(~mask)).all())
         bad = [] if finite else jacobian.nonfinite_tasks()
         if bad and grad_scaler is None:
             return self._nonfinite(bad, "gradient", num_tasks)
         if not finite and not bad:  # finite gradients whose dot products overflow float32
-            gramian = _to_numpy(jacobian.gramian(mask, dtype=torch.float64))
+            gramian = jacobian.gramian(mask, dtype=torch.float64).tolist()
 
         if bad:  # leave the overflow in .grad for the GradScaler to see and skip the step
             combined = jacobian.combine([1.0] * num_tasks)
@@ -448,10 +451,5 @@ class PCGrad(torch.optim.Optimizer):
                 "(pass nonfinite='skip' to skip such steps instead)"
             )
         self._skip_next_step = True
-        return PCGradInfo(
-            np.full((num_tasks, num_tasks), np.nan), skipped=True, nonfinite_tasks=bad
-        )
-
-
-def _to_numpy(gramian: Tensor) -> np.ndarray:
-    return gramian.detach().to("cpu", torch.float64).numpy()
+        nan = [[math.nan] * num_tasks for _ in range(num_tasks)]
+        return PCGradInfo(nan, skipped=True, nonfinite_tasks=bad)

@@ -209,19 +209,18 @@ def _python_surgery(
 
 
 def _pcgrad_weights(
-    G: np.ndarray, generator: torch.Generator | None, reduction: str
+    gram: list[list[float]], generator: torch.Generator | None, reduction: str
 ) -> tuple[list[float], list[tuple[int, int]]]:
-    """Draw the orders, do the surgery on ``G``, reduce: PCGrad's weights ``c`` (one float per
-    task) and the projections done, as ``(i, j)`` pairs. What PCGrad runs every step, with as
-    few operations as it can: a training loop pays for every call here."""
-    num_tasks = G.shape[0]
+    """Draw the orders, do the surgery on the Gramian ``gram``, reduce: PCGrad's weights ``c``
+    (one float per task) and the projections done, as ``(i, j)`` pairs. What PCGrad runs every
+    step, with as few operations as it can: a training loop pays for every call here."""
+    num_tasks = len(gram)
     if num_tasks > _PYTHON_MAX_TASKS:
         orders = _projection_orders(num_tasks, generator)
-        coefficients, projected = _pcgrad_coefficients_numpy(G, orders)
+        coefficients, projected = _pcgrad_coefficients_numpy(np.array(gram), orders)
         weights = _reduce_coefficients(coefficients, reduction).tolist()
         return weights, [(int(i), int(j)) for i, j in np.argwhere(projected)]
     keys = _order_keys(num_tasks, generator).tolist()  # drawn even when unused: same stream
-    gram = G.tolist()
     if all(value >= 0 for row in gram for value in row):  # no conflict: nothing to project
         rows, projections = np.eye(num_tasks).tolist(), []
     else:
@@ -326,11 +325,12 @@ def conflicting_pairs(gramian: Tensor) -> int:
     >>> conflicting_pairs(torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, -0.1], [0.5, -0.1, 1.0]]))
     2
     """
-    return _conflicting_pairs(gramian.detach().cpu().numpy())
+    return len(_conflicts(gramian.tolist()))
 
 
-def _conflicting_pairs(G: np.ndarray) -> int:
-    return int(np.triu(G < 0, k=1).sum())
+def _conflicts(gramian: list[list[float]]) -> list[tuple[int, int]]:
+    """The pairs ``i < j`` whose gradients conflict: ``g_i . g_j < 0``."""
+    return [(i, j) for i, row in enumerate(gramian) for j in range(i + 1, len(row)) if row[j] < 0]
 
 
 def gradnorm_targets(weighted_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
