@@ -199,7 +199,7 @@ def _python_surgery(
     for i, order in enumerate(orders):
         row = [0.0] * num_tasks
         row[i] = 1.0
-        for j in order:  # g_i' . g_j, with g_i' = sum_m row[m] g_m; summed in NumPy's order
+        for j in order:  # g_i' . g_j, with g_i' = sum_m row[m] g_m
             dot = sum([c * g for c, g in zip(row, gram[j], strict=True)])
             if dot < 0 and gram[j][j] > 0:
                 row[j] -= dot / gram[j][j]

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+# Every device this machine has. CI has only the CPU; on a GPU machine, the tests that take a
+# ``device`` parameter also run on CUDA.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 class MultiHead(nn.Module):
     """A shared body, one linear head per task, and a parameter that no task uses."""
@@ -24,18 +28,23 @@ class MultiHead(nn.Module):
         ]
 
 
-def batch(num_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64):
+def batch(
+    num_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64, device: str = "cpu"
+):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 5, generator=generator, dtype=dtype)
     # Opposite targets make the tasks' gradients on the body conflict.
     signs = torch.tensor([(-1.0) ** i for i in range(num_tasks)], dtype=dtype)
     y = (x[:, :1] * signs) + 0.1 * torch.randn(32, num_tasks, generator=generator, dtype=dtype)
-    return x, y
+    return x.to(device), y.to(device)
 
 
-def model_and_batch(num_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64):
+def model_and_batch(
+    num_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64, device: str = "cpu"
+):
+    """The same model and batch on every device (drawn on the CPU, then moved)."""
     torch.manual_seed(seed)
-    return MultiHead(num_tasks, dtype), *batch(num_tasks, seed, dtype)
+    return MultiHead(num_tasks, dtype).to(device), *batch(num_tasks, seed, dtype, device)
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:

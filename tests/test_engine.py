@@ -3,11 +3,12 @@ import torch
 
 import gradsurgery as gs
 from gradsurgery._engine import graph_leaves, outer_sums
-from tests._models import model_and_batch
+from tests._models import DEVICES, model_and_batch
 
 
-def test_task_gradients_match_separate_backward_passes():
-    model, x, y = model_and_batch()
+@pytest.mark.parametrize("device", DEVICES)
+def test_task_gradients_match_separate_backward_passes(device):
+    model, x, y = model_and_batch(device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     matrix = gs.task_gradients(model.losses(x, y), params)
     for i in range(3):

@@ -74,28 +74,35 @@ def test_gramian_implementation_equals_direct_loop(reduction, data):
     torch.testing.assert_close(actual, expected, **props.tolerance(grads))
 
 
+# The Python and NumPy surgeries add up the same products, but NumPy's summation order is its
+# own (it changed between NumPy 2.4 and 2.5): they agree to float64 rounding, not to the bit.
+SAME_SURGERY = {"rtol": 1e-12, "atol": 1e-12}
+
+
 @given(data=gradients_and_orders(max_tasks=F._PYTHON_MAX_TASKS))
-def test_python_surgery_is_bit_identical_to_numpy(data):
-    # Small T runs on Python floats instead of NumPy. Both sum the T products of a dot in the
-    # same order, so the coefficients and projections are the same to the last bit.
+def test_python_surgery_equals_numpy(data):
+    # Small T runs on Python floats instead of NumPy: the same coefficients and projections.
     grads, orders = data
     G, order_array = F.gramian(grads).numpy(), orders.numpy()
     python = F._pcgrad_coefficients_python(G, order_array)
     numpy = F._pcgrad_coefficients_numpy(G, order_array)
-    assert np.array_equal(python[0], numpy[0])
+    np.testing.assert_allclose(python[0], numpy[0], **SAME_SURGERY)
     assert np.array_equal(python[1], numpy[1])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @given(grads=task_gradients(max_tasks=F._PYTHON_MAX_TASKS), seed=st.integers(0, 2**32 - 1))
-def test_pcgrads_step_path_is_bit_identical_to_numpy(reduction, grads, seed):
-    # What PCGrad runs each step (orders drawn, surgery, reduction) against the NumPy pieces.
+def test_pcgrads_step_path_equals_numpy(reduction, grads, seed):
+    # What PCGrad runs each step (orders drawn, surgery, reduction) against the NumPy pieces:
+    # the same orders from the same generator, so the same surgery.
     G = F.gramian(grads).numpy()
-    weights, projected = F._pcgrad_weights(G, torch.Generator().manual_seed(seed), reduction)
+    weights, projected = F._pcgrad_weights(
+        G.tolist(), torch.Generator().manual_seed(seed), reduction
+    )
     orders = F._projection_orders(G.shape[0], torch.Generator().manual_seed(seed))
     coefficients, expected_projected = F._pcgrad_coefficients_numpy(G, orders)
     expected = F._reduce_coefficients(coefficients, reduction)
-    assert np.array_equal(np.array(weights), expected)
+    np.testing.assert_allclose(weights, expected, **SAME_SURGERY)
     assert np.array_equal(F._projection_matrix(projected, G.shape[0]), expected_projected)
 
 

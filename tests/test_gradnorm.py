@@ -12,7 +12,7 @@ from hypothesis import given
 import gradsurgery as gs
 from gradsurgery import functional as F
 from gradsurgery._gradnorm import _Adam
-from tests._models import MultiHead, batch, model_and_batch
+from tests._models import DEVICES, MultiHead, batch, model_and_batch
 
 
 class TwoForwardGradNorm:
@@ -58,16 +58,17 @@ def make_gradnorm(model, **kwargs):
     return gs.GradNorm(num_tasks=3, shared_parameters=model.body[2], **kwargs)
 
 
-def test_backward_equals_the_two_forward_reference():
-    model, _, _ = model_and_batch()
-    reference = MultiHead()
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_equals_the_two_forward_reference(device):
+    model, _, _ = model_and_batch(device=device)
+    reference = MultiHead().to(device)
     reference.load_state_dict(model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     gn = make_gradnorm(model, alpha=1.5, lr=0.05)
     ref = TwoForwardGradNorm(3, reference.body[2].parameters(), alpha=1.5, lr=0.05)
     for step in range(8):
-        x, y = batch(seed=step)
+        x, y = batch(seed=step, device=device)
         opt.zero_grad()
         gn.backward(model.losses(x, y))
         opt.step()
@@ -230,14 +231,15 @@ def test_load_state_dict_checks_compatibility():
         gs.GradNorm(2, model.body[2]).load_state_dict(state)
 
 
-def test_grad_scaler_gives_the_unscaled_update():
-    model, x, y = model_and_batch(dtype=torch.float32)
-    reference = MultiHead(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_gives_the_unscaled_update(device):
+    model, x, y = model_and_batch(dtype=torch.float32, device=device)
+    reference = MultiHead(dtype=torch.float32).to(device)
     reference.load_state_dict(model.state_dict())
     gn, ref_gn = make_gradnorm(model), make_gradnorm(reference)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     for _ in range(3):
         opt.zero_grad()
         gn.backward(model.losses(x, y), grad_scaler=scaler)
@@ -251,12 +253,13 @@ def test_grad_scaler_gives_the_unscaled_update():
         torch.testing.assert_close(a, b)
 
 
-def test_grad_scaler_overflow_keeps_the_weights_and_is_skipped():
-    model, x, y = model_and_batch(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_overflow_keeps_the_weights_and_is_skipped(device):
+    model, x, y = model_and_batch(dtype=torch.float32, device=device)
     gn = make_gradnorm(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     largest = torch.finfo(torch.float32).max
-    scaler = torch.amp.GradScaler("cpu", init_scale=largest)
+    scaler = torch.amp.GradScaler(device, init_scale=largest)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     info = gn.backward([100 * loss for loss in model.losses(x, y)], grad_scaler=scaler)
     scaler.step(opt)
@@ -268,10 +271,11 @@ def test_grad_scaler_overflow_keeps_the_weights_and_is_skipped():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_bfloat16_autocast():
-    model, x, y = model_and_batch(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_autocast(device):
+    model, x, y = model_and_batch(dtype=torch.float32, device=device)
     gn = make_gradnorm(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         losses = model.losses(x, y)
     info = gn.backward(losses)
     assert torch.isfinite(info.grad_norms).all()

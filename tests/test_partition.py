@@ -13,6 +13,7 @@ from torch import nn
 
 import gradsurgery as gs
 from gradsurgery._engine import TaskJacobian, task_jacobian
+from tests._models import DEVICES
 
 
 class Mixed(nn.Module):
@@ -50,7 +51,7 @@ def losses_on_slices(out, y, sizes):
     ]
 
 
-def data(sizes, sequence, seed):
+def data(sizes, sequence, seed, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     n = sum(sizes)
     shape = (n, 4, 5) if sequence else (n, 5)
@@ -58,7 +59,7 @@ def data(sizes, sequence, seed):
     y = torch.randn(*shape[:-1], 2, generator=generator, dtype=torch.float64)
     task_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     task_ids[0] = len(sizes)  # one padding row: its embedding gradient must stay zero
-    return x, y, task_ids
+    return x.to(device), y.to(device), task_ids.to(device)
 
 
 def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, seed: int) -> None:
@@ -70,15 +71,16 @@ def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, see
     generator = torch.Generator().manual_seed(seed)
     num_tasks, num_params = expected.reached.shape
     mask = (torch.rand(num_params, generator=generator) < 0.5).numpy()
-    columns = torch.from_numpy(np.repeat(mask, actual.numels))
+    columns = torch.from_numpy(np.repeat(mask, actual.numels)).to(matrix.device)
     torch.testing.assert_close(actual.gramian(), matrix @ matrix.T, **close)
     selected = matrix[:, columns]
     torch.testing.assert_close(actual.gramian(mask), selected @ selected.T, **close)
     torch.testing.assert_close(actual.squared_norms(mask), selected.square().sum(1), **close)
     torch.testing.assert_close(actual.squared_norms(), matrix.square().sum(1), **close)
-    weights = torch.randn(num_tasks, generator=generator, dtype=torch.float64)
+    weights = torch.randn(num_tasks, generator=generator, dtype=torch.float64).to(matrix.device)
     torch.testing.assert_close(torch.cat(actual.combine(weights)), weights @ matrix, **close)
     per_param = torch.randn(num_params, num_tasks, generator=generator, dtype=torch.float64)
+    per_param = per_param.to(matrix.device)
     expected_parts = [
         w @ block for w, block in zip(per_param, matrix.split(actual.numels, 1), strict=True)
     ]
@@ -87,6 +89,7 @@ def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, see
     assert actual.nonfinite_tasks() == []
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
     equal=st.booleans(),
@@ -94,12 +97,14 @@ def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, see
     factored=st.sampled_from(["never", "always", "auto"]),
     seed=st.integers(0, 2**16),
 )
-def test_fast_engine_equals_autograd_to_float64_precision(sizes, equal, sequence, factored, seed):
+def test_fast_engine_equals_autograd_to_float64_precision(
+    sizes, equal, sequence, factored, seed, device
+):
     if equal:
         sizes = [sizes[0]] * len(sizes)
     torch.manual_seed(seed)
-    model = Mixed(len(sizes), sequence)
-    x, y, task_ids = data(sizes, sequence, seed)
+    model = Mixed(len(sizes), sequence).to(device)
+    x, y, task_ids = data(sizes, sequence, seed, device)
     params = list(model.parameters())
 
     expected = task_jacobian(losses_on_slices(model(x, task_ids), y, sizes), params)
@@ -126,11 +131,13 @@ def study_losses(out, targets):
     return [(o - t).pow(2).mean() for o, t in zip(out.split(64), targets.split(64), strict=True)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("factored", ["never", "always"])
-def test_pcgrad_with_the_fast_engine_equals_the_default(factored):
-    x = torch.randn(192, 8, dtype=torch.float64)
+def test_pcgrad_with_the_fast_engine_equals_the_default(factored, device):
+    x = torch.randn(192, 8, dtype=torch.float64).to(device)
     targets = torch.randn(192, 4, dtype=torch.float64) * torch.tensor([1.0, -1.0, 1.0, -1.0])
-    slow_model, fast_model = study_network(), study_network()
+    targets = targets.to(device)
+    slow_model, fast_model = study_network().to(device), study_network().to(device)
     slow = gs.PCGrad(torch.optim.Adam(slow_model.parameters(), lr=1e-3))
     engine = gs.BatchPartitionEngine(fast_model, factored=factored)
     fast = gs.PCGrad(torch.optim.Adam(fast_model.parameters(), lr=1e-3), engine=engine)
@@ -148,11 +155,12 @@ def test_pcgrad_with_the_fast_engine_equals_the_default(factored):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("factored", ["never", "always"])
-def test_gradnorm_with_the_fast_engine_equals_the_default(factored):
-    x = torch.randn(192, 8, dtype=torch.float64)
-    targets = torch.randn(192, 4, dtype=torch.float64)
-    slow_model, fast_model = study_network(), study_network()
+def test_gradnorm_with_the_fast_engine_equals_the_default(factored, device):
+    x = torch.randn(192, 8, dtype=torch.float64).to(device)
+    targets = torch.randn(192, 4, dtype=torch.float64).to(device)
+    slow_model, fast_model = study_network().to(device), study_network().to(device)
     slow_opt = torch.optim.Adam(slow_model.parameters(), lr=1e-3)
     fast_opt = torch.optim.Adam(fast_model.parameters(), lr=1e-3)
     slow = gs.GradNorm(3, slow_model[2], lr=0.05)

@@ -9,16 +9,17 @@ import torch
 
 import gradsurgery as gs
 from gradsurgery import functional as F
-from tests._models import MultiHead, batch, model_and_batch
+from tests._models import DEVICES, MultiHead, batch, model_and_batch
 
 
 def flat_grads(params):
     return torch.cat([p.grad.flatten() for p in params])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_shared_parameters_get_the_surgery_and_heads_their_own_gradient(reduction):
-    model, x, y = model_and_batch()
+def test_shared_parameters_get_the_surgery_and_heads_their_own_gradient(reduction, device):
+    model, x, y = model_and_batch(device=device)
     opt = gs.PCGrad(
         torch.optim.SGD(model.parameters(), lr=0.1),
         reduction=reduction,
@@ -180,13 +181,14 @@ def test_nonfinite_skip_leaves_everything_and_skips_the_step():
     assert opt.conflict_stats.steps == 0
 
 
-def test_grad_scaler_gives_the_unscaled_update():
-    model, x, y = model_and_batch(dtype=torch.float32)
-    reference = MultiHead(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_gives_the_unscaled_update(device):
+    model, x, y = model_and_batch(dtype=torch.float32, device=device)
+    reference = MultiHead(dtype=torch.float32).to(device)
     reference.load_state_dict(model.state_dict())
     opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1))
     ref_opt = gs.PCGrad(torch.optim.SGD(reference.parameters(), lr=0.1))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
 
     opt.pc_backward(model.losses(x, y), grad_scaler=scaler)
     scaler.step(opt)
@@ -198,11 +200,12 @@ def test_grad_scaler_gives_the_unscaled_update():
         torch.testing.assert_close(a, b)
 
 
-def test_grad_scaler_overflow_is_skipped_by_the_scaler():
-    model, x, y = model_and_batch(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_overflow_is_skipped_by_the_scaler(device):
+    model, x, y = model_and_batch(dtype=torch.float32, device=device)
     opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1))
     largest = torch.finfo(torch.float32).max
-    scaler = torch.amp.GradScaler("cpu", init_scale=largest)
+    scaler = torch.amp.GradScaler(device, init_scale=largest)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = [100 * loss for loss in model.losses(x, y)]  # scaled, these overflow to inf
     info = opt.pc_backward(losses, grad_scaler=scaler)
@@ -213,10 +216,11 @@ def test_grad_scaler_overflow_is_skipped_by_the_scaler():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_bfloat16_autocast():
-    model, x, y = model_and_batch(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_autocast(device):
+    model, x, y = model_and_batch(dtype=torch.float32, device=device)
     opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         losses = model.losses(x, y)
     info = opt.pc_backward(losses)
     bf16 = [p.grad.clone() for p in model.body.parameters()]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradsurgery as gs
-from tests._models import assert_same_snapshot, model_and_batch, snapshot
+from tests._models import DEVICES, assert_same_snapshot, model_and_batch, snapshot
 
 
 def bad_losses(case: str, model, x, y) -> list:
@@ -16,7 +16,8 @@ def bad_losses(case: str, model, x, y) -> list:
     if case == "empty":
         return []
     if case == "non-scalar":
-        return [losses[0], losses[1] * torch.ones(2, dtype=losses[1].dtype), losses[2]]
+        twice = torch.ones(2, dtype=losses[1].dtype, device=losses[1].device)
+        return [losses[0], losses[1] * twice, losses[2]]
     if case == "no-grad":
         return [losses[0], losses[1].detach(), losses[2]]
     if case == "wrong-count":
@@ -53,17 +54,18 @@ CASES = {
 }
 
 
-def pcgrad_setup():
-    model, x, y = model_and_batch()
+def pcgrad_setup(device="cpu"):
+    model, x, y = model_and_batch(device=device)
     opt = gs.PCGrad(torch.optim.Adam(model.parameters(), lr=1e-2), num_tasks=3)
     opt.pc_backward(model.losses(x, y))  # some optimizer state and .grad to protect
     opt.step()
     return model, x, y, opt
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_pcgrad_bad_input_raises_and_changes_nothing(case):
-    model, x, y, opt = pcgrad_setup()
+def test_pcgrad_bad_input_raises_and_changes_nothing(case, device):
+    model, x, y, opt = pcgrad_setup(device)
     before = snapshot(model, opt)
     generator_state = opt.generator.get_state()
     stats = copy.deepcopy(vars(opt.conflict_stats))
@@ -85,17 +87,18 @@ def test_pcgrad_losses_that_reach_no_parameter():
     assert_same_snapshot(before, snapshot(model, opt))
 
 
-def gradnorm_setup():
-    model, x, y = model_and_batch()
+def gradnorm_setup(device="cpu"):
+    model, x, y = model_and_batch(device=device)
     gn = gs.GradNorm(3, model.body[2].parameters(), lr=0.05)
     gn.backward(model.losses(x, y))  # weights, L(0) and .grad to protect
     return model, x, y, gn
 
 
 @pytest.mark.parametrize("method", ["backward", "update_weights"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_gradnorm_bad_input_raises_and_changes_nothing(case, method):
-    model, x, y, gn = gradnorm_setup()
+def test_gradnorm_bad_input_raises_and_changes_nothing(case, method, device):
+    model, x, y, gn = gradnorm_setup(device)
     before = snapshot(model)
     state = copy.deepcopy(gn.state_dict())
     with pytest.raises((ValueError, TypeError), match=CASES[case]):

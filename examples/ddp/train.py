@@ -1,6 +1,6 @@
 """Multi-task training with PCGrad or GradNorm under DistributedDataParallel.
 
-Launch with torchrun (CPU and gloo here; on GPUs the same script picks nccl):
+Launch with torchrun (CPU and gloo; with one GPU per process the same script picks nccl):
 
     torchrun --nproc_per_node=2 examples/ddp/train.py --method pcgrad
     torchrun --nproc_per_node=2 examples/ddp/train.py --method gradnorm
@@ -56,9 +56,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="per task and process")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
+    # One GPU per process (nccl) when this machine has enough of them, else the CPU (gloo).
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     torch.set_num_threads(1)
     train(args, device)
     # DDP's reducer lives on through hooks on the parameters: free everything of the run while
