@@ -56,7 +56,7 @@ class StraightforwardPCGrad:
         loss.backward(retain_graph=True)
         return torch.cat(
             [
-                torch.zeros(p.numel()) if p.grad is None else p.grad.flatten().clone()
+                p.new_zeros(p.numel()) if p.grad is None else p.grad.flatten().clone()
                 for p in self.params
             ]
         )
@@ -83,7 +83,7 @@ class ReferenceGradNorm:
         self.num_tasks = num_tasks
         self.shared = list(shared_layer.parameters())
         self.alpha = alpha
-        self.log_weights = nn.Parameter(torch.zeros(num_tasks))
+        self.log_weights = nn.Parameter(self.shared[0].new_zeros(num_tasks))
         self.weight_optimizer = torch.optim.Adam([self.log_weights], lr=lr)
         self.initial_losses: Tensor | None = None
 

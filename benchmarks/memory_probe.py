@@ -4,13 +4,14 @@ Run by the scaling suite, once per (model, tasks, method), in a fresh process:
 
     python benchmarks/memory_probe.py --model 1M --tasks 10 --method gs-pcgrad
 
-and prints one JSON object. PyTorch has no allocator statistics for CPU tensors, and
-``tracemalloc`` does not see them, so the probe reads the kernel's high-water mark of the
-process's resident set (``VmHWM`` in ``/proc/self/status``). The same set-up with the plain step
-gives the reference; the difference is the method's peak extra memory. The parent starts the
-probe with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed, so every large tensor is its own mapping,
-returned to the kernel when freed: the high-water mark then follows the tensors alive at once
-rather than the allocator's caching.
+and prints one JSON object. On a CUDA device (``--device cuda``) the peak is PyTorch's
+``torch.cuda.max_memory_allocated``. PyTorch has no allocator statistics for CPU tensors, and
+``tracemalloc`` does not see them, so on the CPU the probe reads the kernel's high-water mark
+of the process's resident set (``VmHWM`` in ``/proc/self/status``). The same set-up with the
+plain step gives the reference; the difference is the method's peak extra memory. The parent
+starts the probe with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed, so every large tensor is its
+own mapping, returned to the kernel when freed: the high-water mark then follows the tensors
+alive at once rather than the allocator's caching.
 """
 
 from __future__ import annotations
@@ -50,17 +51,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, required=True)
     parser.add_argument("--per-task", type=int, required=True)
     parser.add_argument("--method", required=True)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = make_model(args.model)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        peak, measure = lambda: torch.cuda.max_memory_allocated(device), "max_memory_allocated"
+    else:
+        peak, measure = peak_rss_bytes, "VmHWM"
+    model = make_model(args.model).to(device)
     batches = make_batches(model, args.tasks, args.per_task, count=2)
     step = build_steps([args.method], model, batches)[args.method]
-    before = peak_rss_bytes()
+    before = peak()
     for _ in range(STEPS):
         step()
-    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "setup_peak_rss_bytes": before}))
+    print(json.dumps({"peak_bytes": peak(), "setup_peak_bytes": before, "measure": measure}))
 
 
 if __name__ == "__main__":

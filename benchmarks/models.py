@@ -102,8 +102,10 @@ def make_batches(
     """``count`` random batches, cycled through by the timing loop (no data cost in the step).
 
     Targets differ in mean per task so that the task gradients really differ (and conflict
-    sometimes), as TD targets of different environments do.
+    sometimes), as TD targets of different environments do. Drawn on the CPU (the same numbers
+    on every device), then put where the model is.
     """
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     in_dim = _input_dim(model)
     size = num_tasks * per_task
@@ -113,10 +115,10 @@ def make_batches(
     for _ in range(count):
         batches.append(
             Batch(
-                obs=torch.randn(size, in_dim, generator=generator),
-                task_ids=task_ids,
-                actions=torch.randint(NUM_ACTIONS, (size,), generator=generator),
-                targets=offsets + torch.randn(size, generator=generator),
+                obs=torch.randn(size, in_dim, generator=generator).to(device),
+                task_ids=task_ids.to(device),
+                actions=torch.randint(NUM_ACTIONS, (size,), generator=generator).to(device),
+                targets=(offsets + torch.randn(size, generator=generator)).to(device),
                 task_sizes=[per_task] * num_tasks,
             )
         )

@@ -46,9 +46,10 @@ def _machine(payload: dict) -> list[str]:
     m = payload["machine"]
     load_start = ", ".join(f"{x:.2f}" for x in payload["loadavg_start"])
     load_end = ", ".join(f"{x:.2f}" for x in payload["loadavg_end"])
+    gpu = f"{m['gpu']} (CUDA {m['cuda']}) with " if m.get("gpu") else ""
     return [
         f"*Command:* `{payload['command']}` — {m['date']}, {payload['duration_s']:.0f} s.  ",
-        f"*Machine:* {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB; "
+        f"*Machine:* {gpu}{m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB; "
         f"torch {m['torch']} ({m['torch_threads']} thread), Python {m['python']}, "
         f"gradsurgery {m['gradsurgery']} ({m.get('gradsurgery_commit') or 'commit unknown'}), "
         f"torchjd {m['torchjd'] or 'not installed'}.  ",

@@ -10,7 +10,7 @@ import torch
 
 from methods import METHODS, available, build_steps
 from models import make_batches, make_model, num_parameters
-from timing import summarize, time_interleaved
+from timing import CPU, clock_for, summarize, time_interleaved
 
 NUM_TASKS = 3
 PER_TASK = 64
@@ -21,18 +21,22 @@ FULL = (50, 50, 20)
 QUICK = (3, 3, 3)
 
 
-def run(quick: bool, log=print) -> dict:
+def run(quick: bool, device: torch.device = CPU, log=print) -> dict:
     """Time every available method on both networks; returns the suite's JSON payload."""
     warmup, rounds, block = QUICK if quick else FULL
     keys = [key for key in METHODS if available(key)]
     rows = []
     for network in NETWORKS:
         torch.manual_seed(0)
-        model = make_model(network)
+        model = make_model(network).to(device)
         batches = make_batches(model, NUM_TASKS, PER_TASK, count=16)
-        log(f"study/{network}: {len(keys)} methods x {rounds * block} steps")
+        log(f"study/{network}: {len(keys)} methods x {rounds * block} steps on {device}")
         samples = time_interleaved(
-            build_steps(keys, model, batches), warmup=warmup, rounds=rounds, block=block
+            build_steps(keys, model, batches),
+            warmup=warmup,
+            rounds=rounds,
+            block=block,
+            clock=clock_for(device),
         )
         for key in keys:
             rows.append(
@@ -46,6 +50,7 @@ def run(quick: bool, log=print) -> dict:
             )
     return {
         "settings": {
+            "device": str(device),
             "num_tasks": NUM_TASKS,
             "samples_per_task": PER_TASK,
             "warmup_steps": warmup,

@@ -3,9 +3,9 @@
 Background load on a shared machine comes and goes. Timing each method in its own stretch
 would charge one method with a slow stretch; instead the methods run in round-robin blocks
 (method A for a few steps, then B, then C, then A again, ...), so a busy minute slows all of
-them alike. Each step is timed on its own with ``CLOCK`` (below); a method's time is the
-median over all its steps, and its ratio to the plain step is also computed per round (the
-medians of the same round) to show how much the ratio itself moves.
+them alike. Each step is timed on its own with the device's :class:`Clock` (below); a method's
+time is the median over all its steps, and its ratio to the plain step is also computed per
+round (the medians of the same round) to show how much the ratio itself moves.
 """
 
 from __future__ import annotations
@@ -19,18 +19,46 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 Step = Callable[[], None]
+CPU = torch.device("cpu")
 
-# The CPU time of this thread, not wall time: on a shared machine the process is descheduled
-# now and then, and wall time charges those pauses to whichever step they land in (more often
-# to the longer steps, which inflates their ratios). With ``torch.set_num_threads(1)`` every
-# operation, the backward pass included, runs on this thread, so its CPU time is the step's
-# cost. Nanosecond resolution on Linux (CLOCK_THREAD_CPUTIME_ID).
-CLOCK = time.thread_time
+
+@dataclass(frozen=True)
+class Clock:
+    """How a step is timed on a device: ``sync()``, ``now()``, the step, ``sync()``, ``now()``."""
+
+    name: str
+    now: Callable[[], float]
+    sync: Callable[[], None]
+
+
+def _no_sync() -> None:
+    pass
+
+
+# On the CPU, the CPU time of this thread, not wall time: on a shared machine the process is
+# descheduled now and then, and wall time charges those pauses to whichever step they land in
+# (more often to the longer steps, which inflates their ratios). With
+# ``torch.set_num_threads(1)`` every operation, the backward pass included, runs on this
+# thread, so its CPU time is the step's cost. Nanosecond resolution on Linux.
+CPU_CLOCK = Clock("time.thread_time", time.thread_time, _no_sync)
+
+
+def clock_for(device: torch.device) -> Clock:
+    """The clock for steps on ``device``: CPU time on the CPU, synchronized wall time on CUDA."""
+    if device.type == "cpu":
+        return CPU_CLOCK
+    if device.type == "cuda":
+        # Kernels run asynchronously and their time is not this thread's: wait for the device
+        # before and after the step, and read the wall clock.
+        return Clock("time.perf_counter + torch.cuda.synchronize", time.perf_counter,
+                     partial(torch.cuda.synchronize, device))  # fmt: skip
+    raise ValueError(f"benchmarks run on the CPU or a CUDA device, not {device.type!r}")
 
 
 @dataclass
@@ -42,7 +70,7 @@ class Samples:
 
 
 def time_interleaved(
-    steps: dict[str, Step], *, warmup: int, rounds: int, block: int
+    steps: dict[str, Step], *, warmup: int, rounds: int, block: int, clock: Clock = CPU_CLOCK
 ) -> dict[str, Samples]:
     """Time every step function ``rounds`` times ``block`` steps, in round-robin blocks.
 
@@ -54,6 +82,7 @@ def time_interleaved(
     for name in names:
         for _ in range(warmup):
             steps[name]()
+    clock.sync()
     samples = {name: Samples() for name in names}
     for r in range(rounds):
         shift = r % len(names)
@@ -61,9 +90,11 @@ def time_interleaved(
             gc.collect()  # outside the timed region: no method pays for another's garbage
             block_times = []
             for _ in range(block):
-                start = CLOCK()
+                clock.sync()
+                start = clock.now()
                 steps[name]()
-                block_times.append(CLOCK() - start)
+                clock.sync()
+                block_times.append(clock.now() - start)
             samples[name].times.extend(block_times)
             samples[name].round_medians.append(statistics.median(block_times))
     return samples
@@ -106,13 +137,15 @@ def rounds_for_budget(
     return max(least, min(most, int(budget_s / per_round)))
 
 
-def time_one(step: Step, repeat: int = 2) -> float:
+def time_one(step: Step, repeat: int = 2, clock: Clock = CPU_CLOCK) -> float:
     """Smallest of ``repeat`` single-step times: a quick estimate to size the run."""
     best = float("inf")
     for _ in range(repeat):
-        start = CLOCK()
+        clock.sync()
+        start = clock.now()
         step()
-        best = min(best, CLOCK() - start)
+        clock.sync()
+        best = min(best, clock.now() - start)
     return best
 
 
@@ -128,18 +161,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine() -> dict[str, object]:
-    """What the numbers depend on: versions, CPU, threads, cores, memory, date, load."""
+def machine(device: torch.device = CPU) -> dict[str, object]:
+    """What the numbers depend on: versions, CPU (and GPU), threads, cores, memory, date."""
     import gradsurgery
 
     from baselines import torchjd_version
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "clock": f"time.{CLOCK.__name__}",
+        "clock": clock_for(device).name,
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "torch": torch.__version__,
