@@ -78,7 +78,17 @@ class GradNormInfo:
     True
     """
 
-    __slots__ = ("_vectors", "gradnorm_loss", "nonfinite_tasks", "skipped")
+    __slots__ = (
+        "_grad_norms",
+        "_loss_ratios",
+        "_targets",
+        "_weight_gradient",
+        "_weighted_grad_norms",
+        "_weights",
+        "gradnorm_loss",
+        "nonfinite_tasks",
+        "skipped",
+    )
 
     def __init__(
         self,
@@ -93,37 +103,38 @@ class GradNormInfo:
         skipped: bool = False,
         nonfinite_tasks: Sequence[int] = (),
     ) -> None:
-        # T numbers each; the tensors are built when read, so a loop that ignores them does
-        # not pay for them.
-        self._vectors = (weights, grad_norms, weighted_grad_norms, targets, loss_ratios)
-        self._vectors += (weight_gradient,)
+        # T numbers each; the tensors are built when read, so a training loop that ignores
+        # them does not pay for them.
+        self._weights, self._grad_norms = weights, grad_norms
+        self._weighted_grad_norms, self._targets = weighted_grad_norms, targets
+        self._loss_ratios, self._weight_gradient = loss_ratios, weight_gradient
         self.gradnorm_loss = gradnorm_loss
         self.skipped = skipped
         self.nonfinite_tasks = tuple(nonfinite_tasks)
 
     @property
     def weights(self) -> Tensor:
-        return _float64(self._vectors[0])
+        return _float64(self._weights)
 
     @property
     def grad_norms(self) -> Tensor:
-        return _float64(self._vectors[1])
+        return _float64(self._grad_norms)
 
     @property
     def weighted_grad_norms(self) -> Tensor:
-        return _float64(self._vectors[2])
+        return _float64(self._weighted_grad_norms)
 
     @property
     def targets(self) -> Tensor:
-        return _float64(self._vectors[3])
+        return _float64(self._targets)
 
     @property
     def loss_ratios(self) -> Tensor:
-        return _float64(self._vectors[4])
+        return _float64(self._loss_ratios)
 
     @property
     def weight_gradient(self) -> Tensor:
-        return _float64(self._vectors[5])
+        return _float64(self._weight_gradient)
 
     def __repr__(self) -> str:
         return (
