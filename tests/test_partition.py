@@ -12,7 +12,7 @@ from hypothesis import given
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery._engine import TaskJacobian, task_jacobian
+from gradsurgery._engine import AutogradEngine, TaskJacobian, task_jacobian
 from tests._models import DEVICES
 
 
@@ -118,6 +118,32 @@ def test_fast_engine_equals_autograd_to_float64_precision(
     if factored == "always":  # fc1, fc2 and head
         assert len(actual.factored) == 3
     assert_same_task_gradients(actual, expected, seed)
+
+
+def test_reached_jacobian_finds_the_same_parameters_as_the_default_engine():
+    # GradNorm's full Jacobian: W first, then every other parameter the losses reach, found by
+    # the fast engine's own graph walk (the embedding's padding row and the unused parameter
+    # below must not change that).
+    sizes = [3, 2, 4]
+    model = Mixed(len(sizes), sequence=False)
+    model.unused = nn.Linear(2, 2).double()  # never called: not reached
+    x, y, task_ids = data(sizes, sequence=False, seed=0)
+    leading = [model.fc2.weight]
+
+    expected_params, expected = AutogradEngine().reached_jacobian(
+        losses_on_slices(model(x, task_ids), y, sizes), leading
+    )
+    engine = gs.BatchPartitionEngine(model)
+    with engine.record(sizes):
+        out = model(x, task_ids)
+    params, actual = engine.reached_jacobian(losses_on_slices(out, y, sizes), leading)
+
+    assert params[0] is model.fc2.weight
+    assert {id(p) for p in params} == {id(p) for p in expected_params}
+    assert all(p is not model.unused.weight for p in params)
+    by_param = dict(zip(map(id, params), actual.matrix.split(actual.numels, 1), strict=True))
+    for p, column in zip(expected_params, expected.matrix.split(expected.numels, 1), strict=True):
+        torch.testing.assert_close(by_param[id(p)], column, rtol=1e-10, atol=1e-12)
 
 
 def study_network():
