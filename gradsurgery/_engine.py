@@ -160,6 +160,15 @@ class TaskJacobian:
             result += factors.gramian(result.dtype)
         return result
 
+    def leading(self, count: int) -> TaskJacobian:
+        """The per-task gradients of the first ``count`` parameters (views, no copy)."""
+        # The dense parameters keep their order in ``dense``: the first ones are a prefix.
+        width = sum(n for k, n in enumerate(self.numels[:count]) if k not in self.factored)
+        factored = {k: f for k, f in self.factored.items() if k < count}
+        return TaskJacobian(
+            self.dense[:, :width], self.reached[:, :count], self.numels[:count], factored
+        )
+
     def squared_norms(self, mask: np.ndarray | None = None) -> Tensor:
         """``[T]`` squared norms of the task gradients on the parameters selected by ``mask``.
 

@@ -378,17 +378,14 @@ class GradNorm:
             bad = nonfinite_values(values)
             if bad:
                 return self._nonfinite(bad, "loss")
-        # W's parameters come first in either Jacobian (the full one or W's own).
-        num_shared = len(self.shared_parameters)
-        shared_mask = np.arange(len(at_shared.numels)) < num_shared
-        reaches_shared = at_shared.reached[:, :num_shared].any(axis=1)
+        reaches_shared = at_shared.reached.any(axis=1)
         if not reaches_shared.all():
             unreached = np.flatnonzero(~reaches_shared).tolist()
             raise ValueError(
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "
                 "shared parameters, so GradNorm cannot balance it"
             )
-        squared_norms = at_shared.squared_norms(shared_mask).tolist()
+        squared_norms = at_shared.squared_norms().tolist()
         norms = [math.sqrt(max(value, 0.0)) / scale for value in squared_norms]
         bad = nonfinite_values(norms)
         if not bad and full is not None:  # every other parameter, before anything changes
@@ -449,11 +446,11 @@ class GradNorm:
             if sync is not None:
                 at_shared, values = sync.all_reduce(at_shared, values)
             return None, at_shared, values
-        # W first: its columns are a prefix.
         params, full = self.engine.reached_jacobian(losses, self.shared_parameters)
         if sync is not None:
             full, values = sync.all_reduce(full, values)
-        return _FullJacobian(params, full), full, values
+        # W's parameters come first: their gradients are the full Jacobian's leading columns.
+        return _FullJacobian(params, full), full.leading(len(self.shared_parameters)), values
 
     def _weighted_backward(
         self,

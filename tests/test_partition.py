@@ -87,6 +87,10 @@ def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, see
     for part, expected_part in zip(actual.combine(per_param), expected_parts, strict=True):
         torch.testing.assert_close(part, expected_part, **close)
     assert actual.nonfinite_tasks() == []
+    count = int(torch.randint(num_params + 1, (), generator=generator))
+    leading = actual.leading(count)
+    torch.testing.assert_close(leading.matrix, matrix[:, : sum(actual.numels[:count])], **close)
+    assert np.array_equal(leading.reached, expected.reached[:, :count])
 
 
 @pytest.mark.parametrize("device", DEVICES)
