@@ -136,6 +136,18 @@ def test_alpha_zero_makes_every_target_the_mean_norm():
     )
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.5, 3.0])
+def test_the_update_s_targets_are_the_functional_targets(alpha):
+    # GradNorm computes its targets on Python floats; functional.gradnorm_targets on tensors.
+    model, x, y = model_and_batch()
+    gn = make_gradnorm(model, alpha=alpha)
+    gn.update_weights(model.losses(x, y))
+    info = gn.update_weights([(k + 1) * loss for k, loss in enumerate(model.losses(x, y))])
+    expected = F.gradnorm_targets(info.weighted_grad_norms, info.loss_ratios, alpha)
+    torch.testing.assert_close(info.targets, expected, rtol=1e-12, atol=0)
+    assert not torch.allclose(info.targets, info.targets.mean().expand(3)), "ratios differ"
+
+
 def test_gradient_on_log_weights_matches_finite_differences():
     """The analytic G_i = w_i ||grad_W L_i|| against G_i differentiated through the network."""
     model, x, y = model_and_batch()
