@@ -84,3 +84,22 @@ def test_diagnostic_methods_compute_the_plain_step_s_gradient() -> None:
     torch.testing.assert_close(grads["engine-hooks"], grads["plain"], rtol=0, atol=0)
     torch.testing.assert_close(grads["engine-mean"], grads["plain"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(weights["engine-mean"], weights["plain"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.usefixtures("benchmarks_importable")
+def test_steps_are_timed_with_the_device_s_clock() -> None:
+    # CPU: the thread's CPU time, nothing to wait for. CUDA: wall time between two
+    # synchronizations (checked where a GPU is). Other devices are refused by name.
+    import torch
+    from timing import CPU_CLOCK, clock_for, time_one
+
+    assert clock_for(torch.device("cpu")) is CPU_CLOCK
+    assert clock_for(torch.device("cpu")).name == "time.thread_time"
+    with pytest.raises(ValueError, match="'meta'"):
+        clock_for(torch.device("meta"))
+    waits = []
+    clock = type(CPU_CLOCK)("counting", CPU_CLOCK.now, lambda: waits.append(1))
+    assert time_one(lambda: None, repeat=3, clock=clock) >= 0
+    assert len(waits) == 6  # before and after each of the three steps
+    if torch.cuda.is_available():
+        assert "synchronize" in clock_for(torch.device("cuda")).name
