@@ -523,7 +523,8 @@ class _Adam:
         new = _Adam.__new__(_Adam)  # copy.copy costs more than the update itself
         new.lr, new.betas, new.eps = self.lr, self.betas, self.eps
         new.steps = self.steps + 1
-        # torch's operations in torch's order, so that the floats are the same.
+        # torch's operations in torch's order; its kernels may fuse a multiply-add, so the
+        # last bit can differ (tested to 1e-12).
         new.exp_avg = [m + (g - m) * (1 - beta1) for m, g in zip(self.exp_avg, grad, strict=True)]
         new.exp_avg_sq = [
             v * beta2 + (1 - beta2) * g * g for v, g in zip(self.exp_avg_sq, grad, strict=True)
