@@ -27,10 +27,13 @@ _THIN_INPUT = 16
 
 
 def outer_sums(g: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``g^T x`` over the last two dimensions (``[..., rows, out]``, ``[..., rows, in]``)."""
+    """``g^T x`` over the last two dimensions: ``[rows, out]`` and ``[rows, in]`` tensors, or
+    batches of them (``[B, rows, out]``, ``[B, rows, in]``)."""
+    # mm / bmm, not matmul: for batches, matmul adds four expand / reshape calls per product.
+    product = torch.mm if g.dim() == 2 else torch.bmm
     if x.shape[-1] >= _THIN_INPUT or x.device.type != "cpu":
-        return torch.matmul(g.transpose(-1, -2), x, out=out)
-    transposed = torch.matmul(x.transpose(-1, -2), g).transpose(-1, -2)
+        return product(g.transpose(-1, -2), x, out=out)
+    transposed = product(x.transpose(-1, -2), g).transpose(-1, -2)
     return transposed if out is None else out.copy_(transposed)
 
 
@@ -122,7 +125,11 @@ class TaskJacobian:
         self.numels = list(numels)
         self.factored = factored or {}
         self.num_tasks = dense.shape[0]
-        self._dense_numels = [n for k, n in enumerate(self.numels) if k not in self.factored]
+        self._dense_numels = (
+            [n for k, n in enumerate(self.numels) if k not in self.factored]
+            if self.factored
+            else self.numels
+        )
 
     @property
     def matrix(self) -> Tensor:
@@ -210,7 +217,10 @@ class TaskJacobian:
         """
         weights = torch.as_tensor(weights, dtype=self.dense.dtype, device=self.dense.device)
         if weights.dim() == 1:
-            dense_parts = list((weights @ self.dense).split(self._dense_numels))
+            # mv, not matmul: a vector-matrix matmul adds an unsqueeze and a squeeze.
+            dense_parts = list(torch.mv(self.dense.t(), weights).split(self._dense_numels))
+            if not self.factored:
+                return dense_parts
             rows = [weights] * len(self.numels)
         else:
             rows = list(weights.unbind())

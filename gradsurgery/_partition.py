@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,14 +43,13 @@ _SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 class _Call(NamedTuple):
     """One recorded forward call of a supported layer."""
 
-    input: Tensor  # detached (indices for an Embedding)
-    output: Tensor  # still in the autograd graph
-    source: Tensor  # the input as passed, in the graph
+    input: Tensor  # as passed, in the autograd graph (indices for an Embedding)
+    output: Tensor  # in the autograd graph
     versions: tuple[int, int]  # of input and output when recorded: an in-place change shows
 
     def modified(self) -> bool:
         """Whether the input or the output was changed in place after the call."""
-        return (self.source._version, self.output._version) != self.versions
+        return (self.input._version, self.output._version) != self.versions
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class _Plan:
     fast: list[nn.Module]  # fast-path layers, in recording order
     targets: dict[nn.Module, list[tuple[str, int]]]  # (parameter name, column) kept dense
     factored_weight: dict[nn.Module, int]  # Linear layers whose weight stays factored
-    linear_weight: dict[nn.Module, int]  # Linear layers whose weight is dense
+    in_place: dict[nn.Module, list[tuple[str, int, torch.Size]]]  # Linear: written directly
     dense_numels: list[int]  # sizes of the dense blocks, in column order
     dense_slot: dict[int, int]  # column -> index of its dense block
     slow_columns: list[int]  # differentiated per task by autograd
@@ -155,8 +154,9 @@ class BatchPartitionEngine:
             module.register_forward_hook(self._on_forward, with_kwargs=True) for module in layers
         ]
 
-    @contextlib.contextmanager
-    def record(self, task_sizes: Sequence[int]) -> Iterator[BatchPartitionEngine]:
+    def record(
+        self, task_sizes: Sequence[int]
+    ) -> contextlib.AbstractContextManager[BatchPartitionEngine]:
         """Record the forward pass of a batch made of ``task_sizes[i]`` rows of task ``i``.
 
         Parameters
@@ -167,14 +167,7 @@ class BatchPartitionEngine:
         sizes = [int(s) for s in task_sizes]
         if not sizes or any(s < 1 for s in sizes):
             raise ValueError(f"task_sizes must be positive row counts, got {list(task_sizes)}")
-        self._task_sizes = sizes
-        self._calls = {}
-        self._compiled = False
-        self._recording = True
-        try:
-            yield self
-        finally:
-            self._recording = False
+        return _Recording(self, sizes)
 
     def remove(self) -> None:
         """Remove the engine's hooks from the model."""
@@ -310,18 +303,19 @@ class BatchPartitionEngine:
         walks the graph from the losses, stepping over every recorded call (from its output to
         its input): a layer parameter still reached is used somewhere else.
         """
-        unsafe = {module for module, cs in calls.items() if any(c.modified() for c in cs)}
-        bypass = {}
-        for module, module_calls in calls.items():
-            if module not in unsafe:
-                for call in module_calls:
-                    bypass[call.output.grad_fn] = call.source.grad_fn
+        unsafe = {module for module, cs in calls.items() for c in cs if c.modified()}
+        bypass = {
+            c.output.grad_fn: c.input.grad_fn
+            for module, cs in calls.items()
+            if module not in unsafe
+            for c in cs
+        }
         leaves = graph_leaves(losses, bypass)
         leaves += [
-            c.source
+            c.input
             for cs in calls.values()
             for c in cs
-            if c.source.grad_fn is None and c.source.requires_grad
+            if c.input.grad_fn is None and c.input.requires_grad
         ]
         for leaf in leaves:  # the second kind: a layer parameter fed to a recorded call
             module = self._owner.get(id(leaf))
@@ -365,40 +359,40 @@ class BatchPartitionEngine:
         output_grads = iter(grads)
         written: set[int] = set()
         factors: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
-        for module in plan.fast:
-            targets, factored_column = plan.targets[module], plan.factored_weight.get(module)
-            for call in calls[module]:
-                grad_output = next(output_grads)
-                if grad_output is None:
-                    continue
-                if factored_column is not None:
-                    factors.setdefault(factored_column, []).append(
-                        _linear_factors(module, call.input, grad_output, sizes)
+        with torch.no_grad():  # the recorded inputs are in the graph; the products are not
+            for module in plan.fast:
+                targets, factored_column = plan.targets[module], plan.factored_weight.get(module)
+                for call in calls[module]:
+                    grad_output = next(output_grads)
+                    if grad_output is None:
+                        continue
+                    if factored_column is not None:
+                        factors.setdefault(factored_column, []).append(
+                            _linear_factors(module, call.input, grad_output, sizes)
+                        )
+                    # A Linear layer's first call writes its products straight into the matrix.
+                    out = {
+                        name: blocks[plan.dense_slot[k]].view(len(sizes), *shape)
+                        for name, k, shape in plan.in_place.get(module, ())
+                        if k not in written
+                    }
+                    task_grads = _task_grads(
+                        module,
+                        call.input,
+                        grad_output,
+                        sizes,
+                        weight=factored_column is None,
+                        out=out,
                     )
-                # A Linear weight's first call writes its products straight into the matrix.
-                weight_out = None
-                weight_column = plan.linear_weight.get(module)
-                if weight_column is not None and weight_column not in written:
-                    weight_out = blocks[plan.dense_slot[weight_column]].view(
-                        len(sizes), *module.weight.shape
-                    )
-                task_grads = _task_grads(
-                    module,
-                    call.input,
-                    grad_output,
-                    sizes,
-                    weight=factored_column is None,
-                    weight_out=weight_out,
-                )
-                for name, k in targets:
-                    grad = task_grads[name]
-                    if grad is weight_out:  # already in place
-                        written.add(k)
-                    elif k in written:  # a second call of the same layer adds to the first
-                        blocks[plan.dense_slot[k]].add_(grad.reshape(len(sizes), -1))
-                    else:
-                        blocks[plan.dense_slot[k]].copy_(grad.reshape(len(sizes), -1))
-                        written.add(k)
+                    for name, k in targets:
+                        grad = task_grads[name]
+                        if grad is out.get(name):  # already in place
+                            written.add(k)
+                        elif k in written:  # a second call of the same layer adds to the first
+                            blocks[plan.dense_slot[k]].add_(grad.reshape(len(sizes), -1))
+                        else:
+                            blocks[plan.dense_slot[k]].copy_(grad.reshape(len(sizes), -1))
+                            written.add(k)
         for k in plan.fast_dense_columns - written:  # layers the losses never reached
             blocks[plan.dense_slot[k]].zero_()
         return written, factors
@@ -428,14 +422,6 @@ class BatchPartitionEngine:
             and id(module.weight) in column
             and self._factor(module, sum(c.input.numel() for c in calls[module]), len(sizes))
         }
-        linear_weight = {
-            module: column[id(module.weight)]
-            for module in fast
-            if isinstance(module, nn.Linear)
-            and id(module.weight) in column
-            and module not in factored_weight
-            and module.weight.dtype == params[0].dtype  # the matrix's dtype
-        }
         targets = {
             module: [
                 (name, column[id(p)])
@@ -443,6 +429,16 @@ class BatchPartitionEngine:
                 if id(p) in column and column[id(p)] != factored_weight.get(module)
             ]
             for module in fast
+        }
+        in_place = {  # dense Linear parameters of the matrix's dtype: written with no copy
+            module: [
+                (name, column[id(p)], p.shape)
+                for name, p in self._owned[module]
+                if (name, column.get(id(p))) in targets[module]
+            ]
+            for module in fast
+            if isinstance(module, nn.Linear)
+            and all(p.dtype == params[0].dtype for _, p in self._owned[module])
         }
         fast_columns = {k for module_targets in targets.values() for _, k in module_targets}
         factored_columns = set(factored_weight.values())
@@ -453,7 +449,7 @@ class BatchPartitionEngine:
             fast=fast,
             targets=targets,
             factored_weight=factored_weight,
-            linear_weight=linear_weight,
+            in_place=in_place,
             dense_numels=[params[k].numel() for k in dense],
             dense_slot={k: slot for slot, k in enumerate(dense)},
             slow_columns=[k for k in dense if k not in fast_columns],
@@ -480,9 +476,7 @@ class BatchPartitionEngine:
         return factored_cost < dense_cost
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
-            return
-        if not output.requires_grad:
+        if not isinstance(output, Tensor) or not output.requires_grad:  # also under no_grad
             return
         if _is_compiling():
             # Traced by torch.compile, this hook would record tensors the compiled graph
@@ -495,7 +489,31 @@ class BatchPartitionEngine:
             self._unrecorded.add(module)
             return
         versions = (x._version, output._version)
-        self._calls.setdefault(module, []).append(_Call(x.detach(), output, x, versions))
+        self._calls.setdefault(module, []).append(_Call(x, output, versions))
+
+
+class _Recording:
+    """The context :meth:`BatchPartitionEngine.record` returns.
+
+    A class rather than ``contextlib.contextmanager``: a generator-based context costs several
+    microseconds, and a training loop enters this one at every step.
+    """
+
+    __slots__ = ("engine", "sizes")
+
+    def __init__(self, engine: BatchPartitionEngine, sizes: list[int]) -> None:
+        self.engine, self.sizes = engine, sizes
+
+    def __enter__(self) -> BatchPartitionEngine:
+        engine = self.engine
+        engine._task_sizes = self.sizes
+        engine._calls = {}
+        engine._compiled = False
+        engine._recording = True
+        return engine
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.engine._recording = False
 
 
 def _fast_path_applies(module: nn.Module) -> bool:
@@ -534,16 +552,16 @@ def _task_grads(
     grad_output: Tensor,
     sizes: Sequence[int],
     weight: bool = True,
-    weight_out: Tensor | None = None,
+    out: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer.
 
-    ``weight=False`` leaves out a Linear layer's weight (kept factored instead);
-    ``weight_out`` (``[T, out, in]``) is where its weight's gradients may be written, in which
-    case the returned entry is ``weight_out`` itself.
+    ``weight=False`` leaves out a Linear layer's weight (kept factored instead). ``out`` maps
+    parameter names to ``[T, *param.shape]`` tensors a Linear layer's gradients may be written
+    into, in which case the returned entry is that tensor itself.
     """
     if isinstance(module, nn.Linear):
-        return _linear_task_grads(module, x, grad_output, sizes, weight, weight_out)
+        return _linear_task_grads(module, x, grad_output, sizes, weight, out or {})
     num_rows = x.shape[0]
     if isinstance(module, nn.Embedding):
         dim, rows = module.embedding_dim, module.num_embeddings
@@ -578,10 +596,14 @@ def _linear_task_grads(
     grad_output: Tensor,
     sizes: Sequence[int],
     weight: bool = True,
-    weight_out: Tensor | None = None,
+    out: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``W_t = sum over task t's rows of g x^T``, ``b_t = sum of g`` (extra dims summed too)."""
-    dtype = module.weight.dtype
+    out = out or {}
+    # From the registry, not ``module.weight``: nn.Module.__getattr__ is a Python call, and this
+    # runs for every layer at every step.
+    parameters = module._parameters
+    dtype, has_bias = parameters["weight"].dtype, parameters["bias"] is not None
     g = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
     x = x if x.dtype == dtype else x.to(dtype)
     grads = {}
@@ -589,9 +611,9 @@ def _linear_task_grads(
         gs = g.reshape(len(sizes), -1, module.out_features)
         if weight:
             xs = x.reshape(len(sizes), -1, module.in_features)
-            grads["weight"] = outer_sums(gs, xs, weight_out)
-        if module.bias is not None:
-            grads["bias"] = gs.sum(dim=1)
+            grads["weight"] = outer_sums(gs, xs, out.get("weight"))
+        if has_bias:
+            grads["bias"] = torch.sum(gs, dim=1, out=out.get("bias"))
         return grads
     g = g.reshape(g.shape[0], -1, module.out_features)
     if weight:
@@ -606,7 +628,7 @@ def _linear_task_grads(
                 for a, n in zip(starts, sizes, strict=True)
             ]
         )
-    if module.bias is not None:
+    if has_bias:
         grads["bias"] = _task_sums(g.sum(dim=1), sizes)
     return grads
 
@@ -616,7 +638,7 @@ def _linear_factors(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A Linear call's rows: inputs ``[M, in]``, output gradients ``[M, out]``, tasks ``[M]``."""
     dtype = module.weight.dtype
-    inputs = x.to(dtype).reshape(-1, module.in_features)
+    inputs = x.detach().to(dtype).reshape(-1, module.in_features)  # kept beyond the no_grad
     rows_per_sample = inputs.shape[0] // x.shape[0]
     row_tasks = _task_index(sizes, x.device).repeat_interleave(rows_per_sample)
     return inputs, grad_output.to(dtype).reshape(-1, module.out_features), row_tasks

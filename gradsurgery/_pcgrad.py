@@ -392,9 +392,9 @@ class PCGrad(torch.optim.Optimizer):
         # The [T, T] work happens on the CPU in float64 (Python floats), whatever the device
         # of the gradients: for T numbers per row, plain arithmetic costs less than any call.
         gramian = jacobian.gramian(mask).tolist()
-        # A NaN or Inf gradient makes its Gramian row non-finite: the exact (costlier) check
-        # only runs when the Gramian of the shared or of the unshared parameters says so.
-        finite = all(math.isfinite(value) for row in gramian for value in row)
+        # A NaN or Inf gradient makes its Gramian row, and so the Gramian's sum, non-finite: the
+        # exact (costlier) check only runs when the shared or the unshared parameters say so.
+        finite = math.isfinite(sum(map(sum, gramian)))
         if finite and mask is not None:
             finite = bool(torch.isfinite(jacobian.squared_norms(~mask)).all())
         bad = [] if finite else jacobian.nonfinite_tasks()

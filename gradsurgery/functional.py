@@ -220,15 +220,14 @@ def _pcgrad_weights(
         coefficients, projected = _pcgrad_coefficients_numpy(np.array(gram), orders)
         weights = _reduce_coefficients(coefficients, reduction).tolist()
         return weights, [(int(i), int(j)) for i, j in np.argwhere(projected)]
-    keys = _order_keys(num_tasks, generator).tolist()  # drawn even when unused: same stream
+    keys = _order_keys(num_tasks, generator)  # drawn even when unused: the same stream
     if all(value >= 0 for row in gram for value in row):  # no conflict: nothing to project
-        rows, projections = np.eye(num_tasks).tolist(), []
-    else:
-        orders = [  # a stable sort, as NumPy's: the same orders from the same keys
-            sorted((j for j in range(num_tasks) if j != i), key=row.__getitem__)
-            for i, row in enumerate(keys)
-        ]
-        rows, projections = _python_surgery(gram, orders)
+        return [1.0 / num_tasks if reduction == "mean" else 1.0] * num_tasks, []
+    orders = [  # a stable sort, as NumPy's: the same orders from the same keys
+        sorted((j for j in range(num_tasks) if j != i), key=row.__getitem__)
+        for i, row in enumerate(keys.tolist())
+    ]
+    rows, projections = _python_surgery(gram, orders)
     weights = [sum(column) for column in zip(*rows, strict=True)]
     if reduction == "mean":
         weights = [w / num_tasks for w in weights]

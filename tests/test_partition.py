@@ -65,6 +65,9 @@ def data(sizes, sequence, seed, device="cpu"):
 def assert_same_task_gradients(actual: TaskJacobian, expected: TaskJacobian, seed: int) -> None:
     """Same matrix, and the same Gramians and combinations computed from it, to float64."""
     close = {"rtol": 1e-10, "atol": 1e-12}
+    # Plain numbers: nothing in the Jacobian keeps the forward pass's graph alive.
+    factors = [t for f in actual.factored.values() for t in (f.inputs, f.output_grads)]
+    assert not any(t.requires_grad for t in [actual.dense, *factors])
     matrix = expected.matrix
     torch.testing.assert_close(actual.matrix, matrix, **close)
     assert np.array_equal(actual.reached, expected.reached)
@@ -222,6 +225,17 @@ def test_a_call_outside_the_recording_sends_its_layer_to_the_slow_path():
     expected = task_jacobian(losses, list(model.parameters()), retain_graph=True)
     actual = engine.jacobian(losses, list(model.parameters()))
     torch.testing.assert_close(actual.matrix, expected.matrix)
+
+
+def test_the_recording_ends_with_its_block_even_on_an_error():
+    model = study_network()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    engine = gs.BatchPartitionEngine(model)
+    with pytest.raises(KeyError), engine.record([3, 3]):
+        raise KeyError("the forward pass failed")
+    out = model(x)  # after the failed block: not recorded
+    with pytest.raises(RuntimeError, match="recorded no forward pass"):
+        engine.jacobian([out[:3].sum(), out[3:].sum()], list(model.parameters()))
 
 
 def test_verify_catches_a_loss_that_mixes_tasks():
