@@ -31,7 +31,7 @@ def outer_sums(g: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     batches of them (``[B, rows, out]``, ``[B, rows, in]``)."""
     # mm / bmm, not matmul: for batches, matmul adds four expand / reshape calls per product.
     product = torch.mm if g.dim() == 2 else torch.bmm
-    if x.shape[-1] >= _THIN_INPUT or x.device.type != "cpu":
+    if x.shape[-1] >= _THIN_INPUT or not x.is_cpu:
         return product(g.transpose(-1, -2), x, out=out)
     transposed = product(x.transpose(-1, -2), g).transpose(-1, -2)
     return transposed if out is None else out.copy_(transposed)
@@ -111,6 +111,8 @@ class TaskJacobian:
         Number of elements of every parameter.
     factored : dict, optional
         ``{parameter index: FactoredGradients}`` for the parameters left out of ``dense``.
+    all_reached : bool, optional
+        Whether every task reaches every parameter, when the engine knows it already.
     """
 
     def __init__(
@@ -119,9 +121,12 @@ class TaskJacobian:
         reached: np.ndarray,
         numels: Sequence[int],
         factored: dict[int, FactoredGradients] | None = None,
+        all_reached: bool | None = None,
     ) -> None:
         self.dense = dense
         self.reached = reached
+        # The usual case, asked about at every step: a bool rather than a NumPy reduction.
+        self.all_reached = bool(reached.all()) if all_reached is None else all_reached
         self.numels = list(numels)
         self.factored = factored or {}
         self.num_tasks = dense.shape[0]
@@ -184,6 +189,8 @@ class TaskJacobian:
         dense = self.dense
         if dense.dtype in (torch.float16, torch.bfloat16):
             dense = dense.float()
+        if (mask is None or mask.all()) and not self.factored:
+            return torch.linalg.vector_norm(dense, dim=1).square()
         if mask is None or mask.all():
             blocks, selected = [dense], list(self.factored.values())
         else:

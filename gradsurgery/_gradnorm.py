@@ -463,8 +463,8 @@ class GradNorm:
         """Add ``grad sum_i w_i L_i`` to ``.grad`` of every parameter the losses reach."""
         if full is not None:  # the per-task gradients are all there: no second backward
             params, grads = full.params, full.jacobian.combine(weights)
-            hit = full.jacobian.reached.any(axis=0)
-            if not hit.all():  # parameters no loss reaches keep their .grad, as after backward()
+            hit = None if full.jacobian.all_reached else full.jacobian.reached.any(axis=0)
+            if hit is not None and not hit.all():  # as after backward(): unreached keep .grad
                 params = [p for p, k in zip(params, hit, strict=True) if k]
                 grads = [g for g, k in zip(grads, hit, strict=True) if k]
             # full.jacobian was checked finite before the weight update: nothing to check.

@@ -248,7 +248,8 @@ class BatchPartitionEngine:
         key = (
             tuple(map(id, params)),
             tuple(sizes),
-            tuple((m, tuple(c.input.shape for c in cs)) for m, cs in calls.items()),
+            tuple(calls),
+            tuple([c.input.shape for cs in calls.values() for c in cs]),
             frozenset(slow),
         )
         plan = self._plans.get(key)
@@ -282,11 +283,13 @@ class BatchPartitionEngine:
                 written.add(k)
             inputs, grads_out, row_tasks = (torch.cat(parts) for parts in zip(*rows, strict=True))
             factored[k] = FactoredGradients(inputs, grads_out, row_tasks, num_tasks)
-        if written == plan.fast_columns:  # the usual case: every fast-path layer was reached
+        every_fast_layer = written == plan.fast_columns  # the usual case
+        if every_fast_layer:
             reached |= plan.fast_reached
         elif written:
             reached[:, sorted(written)] = True
-        jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
+        all_reached = None if plan.slow_columns or not every_fast_layer else True
+        jacobian = TaskJacobian(matrix, reached, plan.numels, factored, all_reached)
         if reference is not None:
             _check_agreement(jacobian, reference)
         return jacobian
@@ -354,7 +357,7 @@ class BatchPartitionEngine:
         if outputs:
             # The gradient of sum_i L_i: autograd adds up the losses' gradients itself.
             grads = torch.autograd.grad(
-                list(losses), outputs, retain_graph=retain_graph, allow_unused=True
+                losses, outputs, retain_graph=retain_graph, allow_unused=True
             )
         output_grads = iter(grads)
         written: set[int] = set()

@@ -379,7 +379,7 @@ class PCGrad(torch.optim.Optimizer):
             if bad:
                 return self._nonfinite(bad, "loss", num_tasks)
         reached = jacobian.reached
-        all_reached = bool(reached.all())  # the usual case: skips the masks below
+        all_reached = jacobian.all_reached  # the usual case: skips the masks below
         if not all_reached and not reached.any():
             raise ValueError(
                 "no parameter of the wrapped optimizer is reached by any loss: the losses do "

@@ -77,20 +77,19 @@ def check_losses(losses: Sequence[Tensor], num_tasks: int | None = None) -> list
 
 def nonfinite_tasks(values: Tensor) -> list[int]:
     """Indices of the rows (tasks) of ``values`` that hold a NaN or an Inf."""
-    rows = values.reshape(values.shape[0], -1)
     # NaN and Inf survive a sum, so one reduction clears the common case; only a non-finite
     # sum (a real NaN/Inf, or a float overflow of the sum) pays for the exact elementwise test.
-    if math.isfinite(rows.sum()):
+    if math.isfinite(values.sum()):
         return []
+    rows = values.reshape(values.shape[0], -1)
     finite = torch.isfinite(rows).all(dim=1)
     return torch.nonzero(~finite).flatten().tolist()
 
 
 def loss_values(losses: Sequence[Tensor]) -> list[float]:
     """The losses' values as Python floats, with one device sync at most."""
-    if losses[0].device.type == "cpu":
-        return [loss.item() for loss in losses]
-    return torch.stack([loss.detach() for loss in losses]).tolist()
+    with torch.no_grad():  # one call, and no graph for it
+        return torch.stack(losses).tolist()
 
 
 def nonfinite_values(values: Sequence[float]) -> list[int]:

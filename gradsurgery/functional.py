@@ -8,6 +8,8 @@ Gramian (``O(T^3)`` work) after a single ``O(T^2 P)`` product, and applied to ``
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -199,10 +201,13 @@ def _python_surgery(
     for i, order in enumerate(orders):
         row = [0.0] * num_tasks
         row[i] = 1.0
+        terms = [i]  # where row is nonzero, in index order: the sum's order, as NumPy's
         for j in order:  # g_i' . g_j, with g_i' = sum_m row[m] g_m
-            dot = sum([c * g for c, g in zip(row, gram[j], strict=True)])
-            if dot < 0 and gram[j][j] > 0:
-                row[j] -= dot / gram[j][j]
+            gram_j = gram[j]
+            dot = sum([row[m] * gram_j[m] for m in terms])
+            if dot < 0 and gram_j[j] > 0:
+                row[j] -= dot / gram_j[j]
+                bisect.insort(terms, j)
                 projections.append((i, j))
         rows.append(row)
     return rows, projections
