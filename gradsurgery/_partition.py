@@ -63,7 +63,7 @@ class _Plan:
     fast: list[nn.Module]  # fast-path layers, in recording order
     targets: dict[nn.Module, list[tuple[str, int]]]  # (parameter name, column) kept dense
     factored_weight: dict[nn.Module, int]  # Linear layers whose weight stays factored
-    in_place: dict[nn.Module, list[tuple[str, int, torch.Size]]]  # Linear: written directly
+    in_place: dict[nn.Module, list[tuple[str, int, torch.Size]]]  # written directly
     dense_numels: list[int]  # sizes of the dense blocks, in column order
     dense_slot: dict[int, int]  # column -> index of its dense block
     slow_columns: list[int]  # differentiated per task by autograd
@@ -373,7 +373,7 @@ class BatchPartitionEngine:
                         factors.setdefault(factored_column, []).append(
                             _linear_factors(module, call.input, grad_output, sizes)
                         )
-                    # A Linear layer's first call writes its products straight into the matrix.
+                    # A layer's first call may write its gradients straight into the matrix.
                     out = {
                         name: blocks[plan.dense_slot[k]].view(len(sizes), *shape)
                         for name, k, shape in plan.in_place.get(module, ())
@@ -433,14 +433,14 @@ class BatchPartitionEngine:
             ]
             for module in fast
         }
-        in_place = {  # dense Linear parameters of the matrix's dtype: written with no copy
+        in_place = {  # dense parameters of the matrix's dtype: written with no copy
             module: [
                 (name, column[id(p)], p.shape)
                 for name, p in self._owned[module]
                 if (name, column.get(id(p))) in targets[module]
             ]
             for module in fast
-            if isinstance(module, nn.Linear)
+            if isinstance(module, (nn.Linear, nn.Embedding))
             and all(p.dtype == params[0].dtype for _, p in self._owned[module])
         }
         fast_columns = {k for module_targets in targets.values() for _, k in module_targets}
@@ -529,16 +529,18 @@ def _no_rows(p: Tensor) -> Tensor:
     return torch.zeros(0, dtype=torch.long, device=p.device)
 
 
-def _task_index(sizes: Sequence[int], device: torch.device) -> Tensor:
-    """The task of every row, ``[sum(sizes)]`` (shared between calls: do not modify it)."""
-    return _cached_task_index(tuple(sizes), device)
+def _task_index(sizes: Sequence[int], device: torch.device, per_sample: int = 1) -> Tensor:
+    """The task of every row (``per_sample`` rows per sample), ``[sum(sizes) * per_sample]``.
+
+    Shared between calls: do not modify it.
+    """
+    return _cached_task_index(tuple(sizes), device, per_sample)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_task_index(sizes: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
-    )
+def _cached_task_index(sizes: tuple[int, ...], device: torch.device, per_sample: int) -> Tensor:
+    counts = torch.tensor(sizes, device=device) * per_sample
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
 
 
 def _task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
@@ -560,22 +562,21 @@ def _task_grads(
     """Per-task gradients ``{param name: [T, *param.shape]}`` of one call of a layer.
 
     ``weight=False`` leaves out a Linear layer's weight (kept factored instead). ``out`` maps
-    parameter names to ``[T, *param.shape]`` tensors a Linear layer's gradients may be written
-    into, in which case the returned entry is that tensor itself.
+    parameter names to ``[T, *param.shape]`` tensors a Linear or Embedding layer's gradients
+    may be written into, in which case the returned entry is that tensor itself.
     """
+    out = out or {}
     if isinstance(module, nn.Linear):
-        return _linear_task_grads(module, x, grad_output, sizes, weight, out or {})
+        return _linear_task_grads(module, x, grad_output, sizes, weight, out)
     num_rows = x.shape[0]
     if isinstance(module, nn.Embedding):
-        dim, rows = module.embedding_dim, module.num_embeddings
-        g = grad_output.reshape(num_rows, -1, dim).to(module.weight.dtype)
-        index = x.reshape(num_rows, -1)
-        # Task t's rows go to block t of a [T * rows, dim] table: one index_add for all tasks.
-        index = index + (_task_index(sizes, index.device) * rows)[:, None]
-        table = g.new_zeros(len(sizes) * rows, dim).index_add_(
-            0, index.flatten(), g.reshape(-1, dim)
-        )
-        table = table.reshape(len(sizes), rows, dim)
+        weight = module._parameters["weight"]
+        tokens = x.reshape(-1)
+        tasks = _task_index(sizes, x.device, tokens.shape[0] // num_rows)
+        g = grad_output.reshape(-1, weight.shape[1]).to(weight.dtype)
+        # Token k of task t adds its output gradient to row k of task t's table: one call.
+        table = out["weight"].zero_() if out else g.new_zeros(len(sizes), *weight.shape)
+        table.index_put_((tasks, tokens), g, accumulate=True)
         if module.padding_idx is not None:
             table[:, module.padding_idx] = 0
         return {"weight": table}
@@ -643,7 +644,7 @@ def _linear_factors(
     dtype = module.weight.dtype
     inputs = x.detach().to(dtype).reshape(-1, module.in_features)  # kept beyond the no_grad
     rows_per_sample = inputs.shape[0] // x.shape[0]
-    row_tasks = _task_index(sizes, x.device).repeat_interleave(rows_per_sample)
+    row_tasks = _task_index(sizes, x.device, rows_per_sample)
     return inputs, grad_output.to(dtype).reshape(-1, module.out_features), row_tasks
 
 

@@ -32,9 +32,11 @@ class Mixed(nn.Module):
         self.double()
 
     def forward(self, x, task_ids):
-        e = self.embed(task_ids)
-        if self.sequence:  # [N, L, features]: per-sample sums over the sequence
-            e = e[:, None, :].expand(-1, x.shape[1], -1)
+        if self.sequence:  # [N, L] tokens, [N, L, features]: per-sample sums over the sequence
+            positions = torch.arange(x.shape[1], device=x.device)
+            e = self.embed((task_ids[:, None] + positions) % self.embed.num_embeddings)
+        else:
+            e = self.embed(task_ids)
         h = torch.tanh(self.norm(self.fc1(torch.cat([x, e], dim=-1))))
         h = h + torch.relu(self.fc2(h)) * self.scale
         h = h + 0.5 * self.fc2(h)  # a second call of the same layer adds to the first
