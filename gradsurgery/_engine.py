@@ -301,14 +301,23 @@ class AutogradEngine:
     single_backward = False
 
     def jacobian(
-        self, losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
+        self,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        reuse: bool = False,
     ) -> TaskJacobian:
+        """Per-task gradients of ``params``. ``reuse`` is accepted for the engines' common
+        signature: with T backward passes, an allocation per step is not worth saving."""
+        del reuse
         return task_jacobian(losses, params, retain_graph=retain_graph)
 
     def reached_jacobian(
-        self, losses: Sequence[Tensor], leading: Sequence[Tensor]
+        self, losses: Sequence[Tensor], leading: Sequence[Tensor], *, reuse: bool = False
     ) -> tuple[list[Tensor], TaskJacobian]:
         """Per-task gradients of ``leading``, then of every other parameter the losses reach."""
+        del reuse
         params = _unique([*leading, *graph_leaves(losses)])
         return params, task_jacobian(losses, params)
 

@@ -442,11 +442,14 @@ class GradNorm:
         """
         full_needed = weighted_backward and (self.engine.single_backward or sync is not None)
         if not full_needed:
-            at_shared = self.engine.jacobian(losses, self.shared_parameters, retain_graph=True)
+            at_shared = self.engine.jacobian(
+                losses, self.shared_parameters, retain_graph=True, reuse=True
+            )
             if sync is not None:
                 at_shared, values = sync.all_reduce(at_shared, values)
             return None, at_shared, values
-        params, full = self.engine.reached_jacobian(losses, self.shared_parameters)
+        # The Jacobians live only within this call: the engine may reuse their matrix.
+        params, full = self.engine.reached_jacobian(losses, self.shared_parameters, reuse=True)
         if sync is not None:
             full, values = sync.all_reduce(full, values)
         # W's parameters come first: their gradients are the full Jacobian's leading columns.

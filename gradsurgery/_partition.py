@@ -74,6 +74,25 @@ class _Plan:
     params: tuple[Tensor, ...]  # held so that the ids in the cache key stay theirs
 
 
+class _Buffer(NamedTuple):
+    """The ``[T, P_dense]`` matrix of a plan, its blocks and the views written in place."""
+
+    matrix: Tensor
+    blocks: tuple[Tensor, ...]  # one per dense parameter, in column order
+    in_place: dict[tuple[nn.Module, str], Tensor]  # [T, *shape] views of some blocks
+
+    @classmethod
+    def allocate(cls, plan: _Plan, like: Tensor, num_tasks: int) -> _Buffer:
+        matrix = like.new_empty(num_tasks, sum(plan.dense_numels))
+        blocks = matrix.split(plan.dense_numels, dim=1)
+        in_place = {
+            (module, name): blocks[plan.dense_slot[k]].view(num_tasks, *shape)
+            for module, specs in plan.in_place.items()
+            for name, k, shape in specs
+        }
+        return cls(matrix, blocks, in_place)
+
+
 class BatchPartitionEngine:
     """Per-task gradients from a single backward pass over a task-partitioned batch.
 
@@ -147,6 +166,7 @@ class BatchPartitionEngine:
         self._unrecorded: set[nn.Module] = set()
         self._warned: set[nn.Module] = set()  # layers found unsafe (warned about once)
         self._plans: dict[tuple, _Plan] = {}
+        self._buffers: dict[tuple, _Buffer] = {}  # per plan key, for reuse=True
         layers = [module for module in model.modules() if type(module) in _SUPPORTED]
         self._owned = {m: list(m.named_parameters(recurse=False)) for m in layers}
         self._owner = {id(p): m for m, owned in self._owned.items() for _, p in owned}
@@ -177,24 +197,36 @@ class BatchPartitionEngine:
         self._calls = {}
 
     def jacobian(
-        self, losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
+        self,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        reuse: bool = False,
     ) -> TaskJacobian:
-        """Per-task gradients of ``params`` for the losses of the last recorded forward pass."""
+        """Per-task gradients of ``params`` for the losses of the last recorded forward pass.
+
+        With ``reuse``, the gradients are written into the matrix of the last call that reused
+        one for the same layout, overwriting the Jacobian it returned: for callers that drop
+        the Jacobian within their step (PCGrad, GradNorm), it saves allocating the matrix and
+        its per-layer views at every step.
+        """
         calls, slow, _ = self._take_recording(losses)
-        return self._jacobian(losses, params, calls, slow, retain_graph)
+        return self._jacobian(losses, params, calls, slow, retain_graph, reuse)
 
     def reached_jacobian(
-        self, losses: Sequence[Tensor], leading: Sequence[Tensor]
+        self, losses: Sequence[Tensor], leading: Sequence[Tensor], *, reuse: bool = False
     ) -> tuple[list[Tensor], TaskJacobian]:
         """Per-task gradients of ``leading``, then of every other parameter the losses reach.
 
         Returns the parameters (``leading`` first) and their Jacobian. The graph walk that
-        checks the recorded layers also finds the parameters: no second walk.
+        checks the recorded layers also finds the parameters: no second walk. ``reuse`` as in
+        :meth:`jacobian`.
         """
         calls, slow, leaves = self._take_recording(losses)
         recorded = [p for module in calls for _, p in self._owned[module] if p.requires_grad]
         params = _unique([*leading, *recorded, *leaves])
-        return params, self._jacobian(losses, params, calls, slow, retain_graph=False)
+        return params, self._jacobian(losses, params, calls, slow, False, reuse)
 
     def _take_recording(
         self, losses: Sequence[Tensor]
@@ -241,6 +273,7 @@ class BatchPartitionEngine:
         calls: dict[nn.Module, list[_Call]],
         slow: set[nn.Module],
         retain_graph: bool,
+        reuse: bool,
     ) -> TaskJacobian:
         sizes = self._task_sizes
         assert sizes is not None
@@ -256,14 +289,19 @@ class BatchPartitionEngine:
         if plan is None:
             if len(self._plans) >= 8:  # training loops repeat a few shapes; do not grow
                 self._plans.clear()
+                self._buffers.clear()
             plan = self._plans[key] = self._plan(params, calls, slow)
 
         # Large Linear weights stay factored (inputs and output gradients); the rest is written
         # in place, block by block, into one [T, P_dense] matrix: peak memory is that matrix
         # plus one layer's per-task gradients, never two copies of it.
         num_tasks = len(sizes)
-        matrix = params[0].new_empty(num_tasks, sum(plan.dense_numels))
-        blocks = matrix.split(plan.dense_numels, dim=1)
+        buffer = self._buffers.get(key) if reuse else None
+        if buffer is None:
+            buffer = _Buffer.allocate(plan, params[0], num_tasks)
+            if reuse:
+                self._buffers[key] = buffer
+        matrix, blocks = buffer.matrix, buffer.blocks
         reached = np.zeros((num_tasks, len(params)), dtype=bool)
         if plan.slow_columns:  # first, while the graph is whole; the single backward frees it
             slow_params = [params[k] for k in plan.slow_columns]
@@ -272,7 +310,7 @@ class BatchPartitionEngine:
             for k, block in zip(plan.slow_columns, slow_blocks, strict=True):
                 blocks[plan.dense_slot[k]].copy_(block)
             reached[:, plan.slow_columns] = slow.reached
-        written, factors = self._fast_path(plan, calls, losses, blocks, retain_graph)
+        written, factors = self._fast_path(plan, calls, losses, buffer, retain_graph)
         factored = {}
         for k in plan.factored_weight.values():
             rows = factors.get(k)
@@ -342,14 +380,15 @@ class BatchPartitionEngine:
         plan: _Plan,
         calls: dict[nn.Module, list[_Call]],
         losses: Sequence[Tensor],
-        blocks: Sequence[Tensor],
+        buffer: _Buffer,
         retain_graph: bool,
     ) -> tuple[set[int], dict[int, list[tuple[Tensor, Tensor, Tensor]]]]:
         """One backward pass of ``sum_i L_i`` to the recorded outputs, split by task.
 
-        Writes the dense per-task gradients into ``blocks``; returns the columns written and,
+        Writes the dense per-task gradients into ``buffer``; returns the columns written and,
         per factored column, the rows (inputs, output gradients, tasks) of each call.
         """
+        blocks, views = buffer.blocks, buffer.in_place
         sizes = self._task_sizes
         assert sizes is not None
         outputs = [call.output for module in plan.fast for call in calls[module]]
@@ -375,8 +414,8 @@ class BatchPartitionEngine:
                         )
                     # A layer's first call may write its gradients straight into the matrix.
                     out = {
-                        name: blocks[plan.dense_slot[k]].view(len(sizes), *shape)
-                        for name, k, shape in plan.in_place.get(module, ())
+                        name: views[module, name]
+                        for name, k, _ in plan.in_place.get(module, ())
                         if k not in written
                     }
                     task_grads = _task_grads(

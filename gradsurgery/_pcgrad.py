@@ -369,7 +369,8 @@ class PCGrad(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if grad_scaler is not None:
             losses = [grad_scaler.scale(loss) for loss in losses]
-        jacobian = self.engine.jacobian(losses, params)
+        # The Jacobian lives only within this call: the engine may reuse its matrix.
+        jacobian = self.engine.jacobian(losses, params, reuse=True)
         if sync is not None:
             jacobian, values = sync.all_reduce(jacobian, values)
             if not self._generator_shared:

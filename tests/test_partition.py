@@ -240,6 +240,30 @@ def test_the_recording_ends_with_its_block_even_on_an_error():
         engine.jacobian([out[:3].sum(), out[3:].sum()], list(model.parameters()))
 
 
+def test_reuse_overwrites_one_matrix_with_the_same_gradients_as_a_fresh_one():
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2)).double()
+    engine = gs.BatchPartitionEngine(model)
+    params = list(model.parameters())
+    matrices = []
+    # The second step's losses skip the last layer: its stale gradients must not stay.
+    for step in range(2):
+        x = torch.randn(6, 5, dtype=torch.float64)
+        with engine.record([2, 4]):
+            hidden = model[:2](x)
+            out = model[2](hidden)
+        used = out if step == 0 else hidden
+        losses = [used[:2].pow(2).sum(), used[2:].sin().sum()]
+        expected = task_jacobian(losses, params, retain_graph=True)
+        actual = engine.jacobian(losses, params, reuse=True)
+        torch.testing.assert_close(actual.matrix, expected.matrix, rtol=1e-10, atol=1e-12)
+        matrices.append(actual.matrix)
+    assert matrices[0].data_ptr() == matrices[1].data_ptr()  # one matrix, written twice
+    with engine.record([2, 4]):
+        out = model(x)
+    fresh = engine.jacobian([out[:2].sum(), out[2:].sum()], params)
+    assert fresh.matrix.data_ptr() != matrices[1].data_ptr()  # the default allocates
+
+
 def test_verify_catches_a_loss_that_mixes_tasks():
     model = study_network()
     engine = gs.BatchPartitionEngine(model, verify=True)
