@@ -177,8 +177,13 @@ class TaskJacobian:
         # The dense parameters keep their order in ``dense``: the first ones are a prefix.
         width = sum(n for k, n in enumerate(self.numels[:count]) if k not in self.factored)
         factored = {k: f for k, f in self.factored.items() if k < count}
+        all_reached = True if self.all_reached else None
         return TaskJacobian(
-            self.dense[:, :width], self.reached[:, :count], self.numels[:count], factored
+            self.dense[:, :width],
+            self.reached[:, :count],
+            self.numels[:count],
+            factored,
+            all_reached,
         )
 
     def squared_norms(self, mask: np.ndarray | None = None) -> Tensor:

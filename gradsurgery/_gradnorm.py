@@ -378,8 +378,8 @@ class GradNorm:
             bad = nonfinite_values(values)
             if bad:
                 return self._nonfinite(bad, "loss")
-        reaches_shared = at_shared.reached.any(axis=1)
-        if not reaches_shared.all():
+        reaches_shared = None if at_shared.all_reached else at_shared.reached.any(axis=1)
+        if reaches_shared is not None and not reaches_shared.all():
             unreached = np.flatnonzero(~reaches_shared).tolist()
             raise ValueError(
                 f"the loss of task(s) {', '.join(map(str, unreached))} does not depend on the "

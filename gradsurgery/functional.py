@@ -9,6 +9,7 @@ Gramian (``O(T^3)`` work) after a single ``O(T^2 P)`` product, and applied to ``
 from __future__ import annotations
 
 import bisect
+import functools
 
 import numpy as np
 import torch
@@ -226,17 +227,22 @@ def _pcgrad_weights(
         weights = _reduce_coefficients(coefficients, reduction).tolist()
         return weights, [(int(i), int(j)) for i, j in np.argwhere(projected)]
     keys = _order_keys(num_tasks, generator)  # drawn even when unused: the same stream
-    if all(value >= 0 for row in gram for value in row):  # no conflict: nothing to project
+    if min(map(min, gram)) >= 0:  # no conflict: nothing to project
         return [1.0 / num_tasks if reduction == "mean" else 1.0] * num_tasks, []
     orders = [  # a stable sort, as NumPy's: the same orders from the same keys
-        sorted((j for j in range(num_tasks) if j != i), key=row.__getitem__)
-        for i, row in enumerate(keys.tolist())
+        sorted(others, key=row.__getitem__)
+        for others, row in zip(_other_tasks(num_tasks), keys.tolist(), strict=True)
     ]
     rows, projections = _python_surgery(gram, orders)
-    weights = [sum(column) for column in zip(*rows, strict=True)]
     if reduction == "mean":
-        weights = [w / num_tasks for w in weights]
-    return weights, projections
+        return [sum(column) / num_tasks for column in zip(*rows, strict=True)], projections
+    return [sum(column) for column in zip(*rows, strict=True)], projections
+
+
+@functools.lru_cache(maxsize=8)
+def _other_tasks(num_tasks: int) -> tuple[tuple[int, ...], ...]:
+    """For each task ``i``, the other tasks in index order."""
+    return tuple(tuple(j for j in range(num_tasks) if j != i) for i in range(num_tasks))
 
 
 def _projection_matrix(projections: list[tuple[int, int]], num_tasks: int) -> np.ndarray:
