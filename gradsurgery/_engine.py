@@ -175,15 +175,14 @@ class TaskJacobian:
     def leading(self, count: int) -> TaskJacobian:
         """The per-task gradients of the first ``count`` parameters (views, no copy)."""
         # The dense parameters keep their order in ``dense``: the first ones are a prefix.
-        width = sum(n for k, n in enumerate(self.numels[:count]) if k not in self.factored)
+        numels = self.numels[:count]
         factored = {k: f for k, f in self.factored.items() if k < count}
+        width = (
+            sum(n for k, n in enumerate(numels) if k not in factored) if factored else sum(numels)
+        )
         all_reached = True if self.all_reached else None
         return TaskJacobian(
-            self.dense[:, :width],
-            self.reached[:, :count],
-            self.numels[:count],
-            factored,
-            all_reached,
+            self.dense[:, :width], self.reached[:, :count], numels, factored, all_reached
         )
 
     def squared_norms(self, mask: np.ndarray | None = None) -> Tensor:

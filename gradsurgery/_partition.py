@@ -251,8 +251,10 @@ class BatchPartitionEngine:
                 f"(task_sizes={self._task_sizes})"
             )
         calls, self._calls = self._calls, {}
-        unrecorded, self._unrecorded = self._unrecorded, set()
-        if unrecorded & calls.keys():
+        unrecorded = self._unrecorded
+        if unrecorded:  # the usual step has none: no set operations
+            self._unrecorded = set()
+        if unrecorded and unrecorded & calls.keys():
             names = {module: name for name, module in self.model.named_modules()}
             warnings.warn(
                 "BatchPartitionEngine: "
@@ -264,7 +266,8 @@ class BatchPartitionEngine:
                 stacklevel=4,
             )
         unsafe, leaves = self._unsafe_layers(losses, calls)
-        return calls, (unrecorded | unsafe) & calls.keys(), leaves
+        slow = (unrecorded | unsafe) & calls.keys() if unrecorded or unsafe else set()
+        return calls, slow, leaves
 
     def _jacobian(
         self,
