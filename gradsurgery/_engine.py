@@ -105,28 +105,26 @@ class TaskJacobian:
     dense : Tensor
         ``[T, P_dense]``: the dense parameters' per-task gradients, zeros where a task does not
         reach.
-    reached : numpy.ndarray
-        ``[T, n_params]`` bool: whether task ``i``'s autograd graph reaches parameter ``k``.
+    reached : numpy.ndarray or None
+        ``[T, n_params]`` bool: whether task ``i``'s autograd graph reaches parameter ``k``;
+        ``None`` when every task reaches every parameter.
     numels : sequence of int
         Number of elements of every parameter.
     factored : dict, optional
         ``{parameter index: FactoredGradients}`` for the parameters left out of ``dense``.
-    all_reached : bool, optional
-        Whether every task reaches every parameter, when the engine knows it already.
     """
 
     def __init__(
         self,
         dense: Tensor,
-        reached: np.ndarray,
+        reached: np.ndarray | None,
         numels: Sequence[int],
         factored: dict[int, FactoredGradients] | None = None,
-        all_reached: bool | None = None,
     ) -> None:
         self.dense = dense
-        self.reached = reached
+        self._reached = reached
         # The usual case, asked about at every step: a bool rather than a NumPy reduction.
-        self.all_reached = bool(reached.all()) if all_reached is None else all_reached
+        self.all_reached = reached is None or bool(reached.all())
         self.numels = list(numels)
         self.factored = factored or {}
         self.num_tasks = dense.shape[0]
@@ -135,6 +133,13 @@ class TaskJacobian:
             if self.factored
             else self.numels
         )
+
+    @property
+    def reached(self) -> np.ndarray:
+        """``[T, n_params]`` bool: whether task ``i``'s autograd graph reaches parameter ``k``."""
+        if self._reached is None:
+            self._reached = np.ones((self.num_tasks, len(self.numels)), dtype=bool)
+        return self._reached
 
     @property
     def matrix(self) -> Tensor:
@@ -180,10 +185,8 @@ class TaskJacobian:
         width = (
             sum(n for k, n in enumerate(numels) if k not in factored) if factored else sum(numels)
         )
-        all_reached = True if self.all_reached else None
-        return TaskJacobian(
-            self.dense[:, :width], self.reached[:, :count], numels, factored, all_reached
-        )
+        reached = None if self.all_reached else self.reached[:, :count]
+        return TaskJacobian(self.dense[:, :width], reached, numels, factored)
 
     def squared_norms(self, mask: np.ndarray | None = None) -> Tensor:
         """``[T]`` squared norms of the task gradients on the parameters selected by ``mask``.

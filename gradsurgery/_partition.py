@@ -190,11 +190,13 @@ class BatchPartitionEngine:
         return _Recording(self, sizes)
 
     def remove(self) -> None:
-        """Remove the engine's hooks from the model."""
+        """Remove the engine's hooks from the model and free the matrix it keeps for reuse."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._calls = {}
+        self._plans.clear()
+        self._buffers.clear()
 
     def jacobian(
         self,
@@ -305,13 +307,14 @@ class BatchPartitionEngine:
             if reuse:
                 self._buffers[key] = buffer
         matrix, blocks = buffer.matrix, buffer.blocks
-        reached = np.zeros((num_tasks, len(params)), dtype=bool)
+        reached = None  # every task reaches every parameter: the usual case
         if plan.slow_columns:  # first, while the graph is whole; the single backward frees it
             slow_params = [params[k] for k in plan.slow_columns]
             slow = task_jacobian(losses, slow_params, retain_graph=True)
             slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1)
             for k, block in zip(plan.slow_columns, slow_blocks, strict=True):
                 blocks[plan.dense_slot[k]].copy_(block)
+            reached = np.zeros((num_tasks, len(params)), dtype=bool)
             reached[:, plan.slow_columns] = slow.reached
         written, factors = self._fast_path(plan, calls, losses, buffer, retain_graph)
         factored = {}
@@ -324,13 +327,13 @@ class BatchPartitionEngine:
                 written.add(k)
             inputs, grads_out, row_tasks = (torch.cat(parts) for parts in zip(*rows, strict=True))
             factored[k] = FactoredGradients(inputs, grads_out, row_tasks, num_tasks)
-        every_fast_layer = written == plan.fast_columns  # the usual case
-        if every_fast_layer:
-            reached |= plan.fast_reached
-        elif written:
+        if written != plan.fast_columns:  # a fast-path layer the losses never reached
+            if reached is None:
+                reached = np.zeros((num_tasks, len(params)), dtype=bool)
             reached[:, sorted(written)] = True
-        all_reached = None if plan.slow_columns or not every_fast_layer else True
-        jacobian = TaskJacobian(matrix, reached, plan.numels, factored, all_reached)
+        elif reached is not None:
+            reached |= plan.fast_reached
+        jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
         if reference is not None:
             _check_agreement(jacobian, reference)
         return jacobian

@@ -205,7 +205,8 @@ def _python_surgery(
         terms = [i]  # where row is nonzero, in index order: the sum's order, as NumPy's
         for j in order:  # g_i' . g_j, with g_i' = sum_m row[m] g_m
             gram_j = gram[j]
-            dot = sum([row[m] * gram_j[m] for m in terms])
+            # Until a projection, g_i' = g_i: the dot product is the Gramian's, exactly.
+            dot = gram_j[i] if len(terms) == 1 else sum([row[m] * gram_j[m] for m in terms])
             if dot < 0 and gram_j[j] > 0:
                 row[j] -= dot / gram_j[j]
                 bisect.insort(terms, j)

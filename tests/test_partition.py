@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import hypothesis.strategies as st
 import numpy as np
@@ -262,6 +263,10 @@ def test_reuse_overwrites_one_matrix_with_the_same_gradients_as_a_fresh_one():
         out = model(x)
     fresh = engine.jacobian([out[:2].sum(), out[2:].sum()], params)
     assert fresh.matrix.data_ptr() != matrices[1].data_ptr()  # the default allocates
+    kept = weakref.ref(matrices[1])
+    del matrices, actual
+    engine.remove()
+    assert kept() is None  # remove() frees the matrix kept for reuse
 
 
 def test_verify_catches_a_loss_that_mixes_tasks():
