@@ -379,16 +379,16 @@ class PCGrad(torch.optim.Optimizer):
             bad = nonfinite_values(values)
             if bad:
                 return self._nonfinite(bad, "loss", num_tasks)
-        reached = jacobian.reached
         all_reached = jacobian.all_reached  # the usual case: skips the masks below
-        if not all_reached and not reached.any():
+        reached = None if all_reached else jacobian.reached
+        if reached is not None and not reached.any():
             raise ValueError(
                 "no parameter of the wrapped optimizer is reached by any loss: the losses do "
                 "not depend on the parameters being optimized"
             )
         shared = None
         if not all_reached or self._shared_ids is not None:
-            shared = self._shared_mask(params, reached)
+            shared = self._shared_mask(params, jacobian.reached)
         mask = None if shared is None or shared.all() else shared
         # The [T, T] work happens on the CPU in float64 (Python floats), whatever the device
         # of the gradients: for T numbers per row, plain arithmetic costs less than any call.
@@ -410,7 +410,7 @@ class PCGrad(torch.optim.Optimizer):
         else:
             weights, projected = F._pcgrad_weights(gramian, self.generator, self.reduction)
             if mask is not None:
-                weights = self._with_unshared(weights, mask, reached)
+                weights = self._with_unshared(weights, mask, jacobian.reached)
             combined = jacobian.combine(weights)
             info = PCGradInfo(gramian, projected)
             self.conflict_stats.update(gramian)
@@ -418,7 +418,7 @@ class PCGrad(torch.optim.Optimizer):
             self.num_tasks = num_tasks
 
         # Parameters no task reaches keep their .grad (None stays None), as after backward().
-        kept = None if all_reached else reached.any(axis=0)
+        kept = None if reached is None else reached.any(axis=0)
         if kept is None or kept.all():
             accumulate_grads(params, combined)
         else:
