@@ -615,12 +615,12 @@ def _task_grads(
         return _linear_task_grads(module, x, grad_output, sizes, weight, out)
     num_rows = x.shape[0]
     if isinstance(module, nn.Embedding):
-        weight = module._parameters["weight"]
+        embeddings = module._parameters["weight"]
         tokens = x.reshape(-1)
         tasks = _task_index(sizes, x.device, tokens.shape[0] // num_rows)
-        g = grad_output.reshape(-1, weight.shape[1]).to(weight.dtype)
+        g = grad_output.reshape(-1, embeddings.shape[1]).to(embeddings.dtype)
         # Token k of task t adds its output gradient to row k of task t's table: one call.
-        table = out["weight"].zero_() if out else g.new_zeros(len(sizes), *weight.shape)
+        table = out["weight"].zero_() if out else g.new_zeros(len(sizes), *embeddings.shape)
         table.index_put_((tasks, tokens), g, accumulate=True)
         if module.padding_idx is not None:
             table[:, module.padding_idx] = 0
@@ -644,11 +644,10 @@ def _linear_task_grads(
     x: Tensor,
     grad_output: Tensor,
     sizes: Sequence[int],
-    weight: bool = True,
-    out: dict[str, Tensor] | None = None,
+    weight: bool,
+    out: dict[str, Tensor],
 ) -> dict[str, Tensor]:
     """``W_t = sum over task t's rows of g x^T``, ``b_t = sum of g`` (extra dims summed too)."""
-    out = out or {}
     # From the registry, not ``module.weight``: nn.Module.__getattr__ is a Python call, and this
     # runs for every layer at every step.
     parameters = module._parameters
