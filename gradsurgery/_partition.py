@@ -105,6 +105,8 @@ class BatchPartitionEngine:
     penalty on the weights in the loss) or whose input or output is changed in place after the
     call: the engine detects both at every step and warns once. The model must run uncompiled:
     a forward pass traced by ``torch.compile`` is refused (the default engine handles those).
+    Under PCGrad or GradNorm the engine writes every step into the same ``[T, P]`` matrix,
+    which stays allocated between steps until :meth:`remove`.
 
     Parameters
     ----------
