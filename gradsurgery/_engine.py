@@ -196,9 +196,9 @@ class TaskJacobian:
         dense = self.dense
         if dense.dtype in (torch.float16, torch.bfloat16):
             dense = dense.float()
-        if (mask is None or mask.all()) and not self.factored:
-            return torch.linalg.vector_norm(dense, dim=1).square()
         if mask is None or mask.all():
+            if not self.factored:  # one block: two calls
+                return torch.linalg.vector_norm(dense, dim=1).square()
             blocks, selected = [dense], list(self.factored.values())
         else:
             blocks = [dense[:, start:stop] for start, stop in self._column_runs(mask)]
