@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validation import check_reduction
+from .._validation import check_reduction
 
 __all__ = [
     "conflicting_pairs",
