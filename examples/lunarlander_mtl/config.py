@@ -78,8 +78,15 @@ class Config:
     """Transitions sampled from EACH task's buffer per update (3 x 64 in all)."""
     update_every: int = 4
     """One gradient update every this many environment steps (counted over all tasks)."""
+    target_update: str = "episodes"
+    """How the target network follows the online one: 'episodes' (hard copy every
+    `target_update_every` episodes, counted over all tasks), 'updates' (hard copy every
+    `target_update_every` gradient updates) or 'soft' (after every update, target +=
+    `target_tau` * (online - target), as in Lillicrap et al. 2016)."""
     target_update_every: int = 10
-    """Copy the online network into the target network every this many episodes (global)."""
+    """Episodes ('episodes') or gradient updates ('updates') between two hard copies."""
+    target_tau: float = 1e-3
+    """Step of the soft target update ('soft' only); 1 copies after every update."""
 
     # --- replay -------------------------------------------------------------------------
     buffer_size: int = 100_000
@@ -171,6 +178,21 @@ CONFIGS.update(
         # PCGrad with the task embedding left out of the surgery (task-specific parameters).
         "pcgrad-aware-no-embedding-surgery": dict(
             network="aware", method="pcgrad", surgery_on_embedding=False
+        ),
+    }
+)
+
+# The reference fixes "target_update_freq = 10" but not what it counts, nor how often the
+# agent learns. Three readings of it on the baseline, opt-in like the entries above:
+CONFIGS.update(
+    {
+        # The widely copied LunarLander DQN: learn every 4 steps, soft target (tau 1e-3).
+        "shared-aware-soft": dict(network="aware", target_update="soft", target_tau=1e-3),
+        # Learn at every environment step, hard copy every 10 episodes.
+        "shared-aware-learn1": dict(network="aware", update_every=1),
+        # Learn every 4 steps, hard copy every 10 gradient updates.
+        "shared-aware-copy10u": dict(
+            network="aware", target_update="updates", target_update_every=10
         ),
     }
 )

@@ -125,6 +125,31 @@ def td_losses(q_net, target_net, batch: Batch, task_ids: torch.Tensor, cfg: Conf
     return per_sample.view(NUM_TASKS, -1).mean(dim=1)
 
 
+TARGET_UPDATES = ("episodes", "updates", "soft")
+
+
+@torch.no_grad()
+def update_target(target_net, q_net, cfg: Config, event: str, count: int) -> None:
+    """Let the target network follow the online one, by `cfg.target_update`.
+
+    Called after every gradient update (`event="updates"`, `count` = updates so far) and
+    after every episode (`event="episodes"`, `count` = episodes finished). A hard copy
+    happens when `count` reaches a multiple of `target_update_every` for the chosen event;
+    the soft update moves every target parameter by `target_tau` towards the online one
+    after every gradient update.
+    """
+    if cfg.target_update not in TARGET_UPDATES:
+        raise ValueError(
+            f"unknown target_update {cfg.target_update!r}: expected one of {TARGET_UPDATES}"
+        )
+    if cfg.target_update == "soft":
+        if event == "updates":
+            for target, online in zip(target_net.parameters(), q_net.parameters(), strict=True):
+                target.lerp_(online, cfg.target_tau)
+    elif cfg.target_update == event and count % cfg.target_update_every == 0:
+        target_net.load_state_dict(q_net.state_dict())
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: int = 0) -> dict:
     """Train one run; returns its summary (final evaluation, last-100 training means)."""
     torch.set_num_threads(1)  # small networks: threads cost more than they give
@@ -276,6 +301,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
 
                 state["updates"] += 1
                 ep_updates += 1
+                update_target(target_net, q_net, cfg, "updates", state["updates"])
                 loss_sums += losses.detach().numpy()
                 for key, value in signals(info).items():
                     signal_sums[key] = signal_sums.get(key, 0.0) + value
@@ -304,8 +330,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
             log_tensorboard(writer, row, episode)
 
         state["epsilon"] = max(cfg.epsilon_min, epsilon * cfg.epsilon_decay)
-        if (episode + 1) % cfg.target_update_every == 0:
-            target_net.load_state_dict(q_net.state_dict())
+        update_target(target_net, q_net, cfg, "episodes", episode + 1)
 
         # Evaluate whenever every task has finished another `eval_every` episodes; at the
         # very end the final evaluation (below) takes the place of the periodic one.
