@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import gradsurgery as gs
-from gradsurgery._engine import graph_leaves, outer_sums
+from gradsurgery._autograd import graph_leaves
+from gradsurgery._jacobian import outer_sums
 from tests._models import DEVICES, model_and_batch
 
 

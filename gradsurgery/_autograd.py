@@ -1,0 +1,165 @@
+"""The default engine: one autograd call per task, and the walk over an autograd graph.
+
+Each task's gradient is asked of autograd in turn (the graph is kept between tasks), written
+into a row of one ``[T, P]`` matrix, and the parameters each task's graph reaches are
+remembered. It works for any model, compiled or not, at the cost of ``T`` backward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._jacobian import TaskJacobian
+from ._validation import check_losses
+
+
+def task_jacobian(
+    losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
+) -> TaskJacobian:
+    """Per-task gradients of ``params`` with one autograd call per task.
+
+    The graph is retained between tasks and freed after the last one unless ``retain_graph``.
+    """
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        raise ValueError(
+            "all parameters must share one dtype and device for the per-task gradient matrix; "
+            f"found {sorted({(str(p.dtype), str(p.device)) for p in params})}"
+        )
+    numels = [p.numel() for p in params]
+    matrix = torch.zeros(len(losses), sum(numels), dtype=first.dtype, device=first.device)
+    reached = np.zeros((len(losses), len(params)), dtype=bool)
+    for i, loss in enumerate(losses):
+        keep = retain_graph or i < len(losses) - 1
+        grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
+        rows = matrix[i].split(numels)
+        hit = [k for k, g in enumerate(grads) if g is not None]
+        if hit:
+            torch._foreach_copy_([rows[k] for k in hit], [grads[k].reshape(-1) for k in hit])
+            reached[i, hit] = True
+    return TaskJacobian(matrix, reached, numels)
+
+
+class AutogradEngine:
+    """The default engine: one autograd call per task (see :func:`task_jacobian`)."""
+
+    single_backward = False
+
+    def jacobian(
+        self,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        reuse: bool = False,
+    ) -> TaskJacobian:
+        """Per-task gradients of ``params``. ``reuse`` is accepted for the engines' common
+        signature: with T backward passes, an allocation per step is not worth saving."""
+        del reuse
+        return task_jacobian(losses, params, retain_graph=retain_graph)
+
+    def reached_jacobian(
+        self, losses: Sequence[Tensor], leading: Sequence[Tensor], *, reuse: bool = False
+    ) -> tuple[list[Tensor], TaskJacobian]:
+        """Per-task gradients of ``leading``, then of every other parameter the losses reach."""
+        del reuse
+        params = unique_tensors([*leading, *graph_leaves(losses)])
+        return params, task_jacobian(losses, params)
+
+
+def task_gradients(
+    losses: Sequence[Tensor],
+    params: Iterable[Tensor] | torch.nn.Module,
+    *,
+    retain_graph: bool = False,
+) -> Tensor:
+    """Per-task gradients of ``params``, one flattened row per task.
+
+    Parameters
+    ----------
+    losses : sequence of Tensor
+        ``T`` scalar losses.
+    params : module or iterable of Tensor
+        The parameters to differentiate; those that do not require grad are left out.
+    retain_graph : bool
+        Keep the autograd graph after the last task (default ``False``).
+
+    Returns
+    -------
+    Tensor
+        ``[T, P]`` matrix, ``P`` the total number of elements of ``params``. A task whose graph
+        does not reach a parameter has zeros there.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery import task_gradients
+    >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> task_gradients([(w**2).sum(), 3 * w[0]], [w])
+    tensor([[2., 4.],
+            [3., 0.]])
+    """
+    # Imported here: parameter coercion belongs to the pipeline's input checks, which import
+    # this module.
+    from ._engine import as_parameter_list
+
+    losses = check_losses(losses)
+    param_list = as_parameter_list(params, "params")
+    return task_jacobian(losses, param_list, retain_graph=retain_graph).matrix
+
+
+def graph_leaves(
+    roots: Sequence[Tensor], bypass: dict[torch.autograd.graph.Node, Any] | None = None
+) -> list[Tensor]:
+    """Leaf tensors (parameters) reached by the autograd graphs of ``roots``, in a fixed order.
+
+    ``bypass`` maps nodes to the node the walk goes on from instead (``None``: stop there).
+    """
+    bypass = bypass or {}
+    leaves = [root for root in roots if root.grad_fn is None and root.requires_grad]
+    stack = [_follow(root.grad_fn, bypass) for root in roots if root.grad_fn is not None]
+    seen = set(stack)  # autograd nodes: their Python objects live as long as the graph
+    while stack:  # GradNorm walks the graph every step: keep the loop tight
+        node = stack.pop()
+        if node is None:
+            continue
+        if type(node) is _AccumulateGrad:  # a leaf's node; it has no next functions
+            leaves.append(node.variable)
+            continue
+        for next_node, _ in node.next_functions:
+            if next_node in bypass:
+                next_node = _follow(next_node, bypass)
+            if next_node is not None and next_node not in seen:
+                seen.add(next_node)
+                stack.append(next_node)
+    return unique_tensors(leaves)
+
+
+def _follow(node: Any, bypass: dict[Any, Any]) -> Any:
+    for _ in range(len(bypass) + 1):  # chains: a layer called on its own output
+        if node not in bypass:
+            return node
+        node = bypass[node]
+    # Only tensors that share one autograd node (outputs of one compiled graph) can loop.
+    raise RuntimeError(
+        "the graph walk's bypass has a cycle: recorded outputs share one autograd node"
+    )
+
+
+_AccumulateGrad = torch._C._functions.AccumulateGrad
+
+
+def unique_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` without repeats (by identity), in their first order."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out

@@ -1,0 +1,264 @@
+"""Per-task gradients from one backward pass, for batches partitioned by task.
+
+When the batch fed to the model is the concatenation of the tasks' batches, the network treats
+samples independently and each task's loss reads only its own rows, the per-sample output
+gradients of one backward pass of ``sum_i L_i`` already separate the tasks. For the layers
+registered in :mod:`.layers` a weight gradient is a sum over samples of (input x
+output-gradient) products, so task ``i``'s gradient is that sum over task ``i``'s rows.
+Parameters of other layers fall back to one autograd call per task, so the result is always
+the full per-task Jacobian.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .._autograd import task_jacobian, unique_tensors
+from .._jacobian import FactoredGradients, TaskJacobian
+from .layers import linear_factors, no_rows
+from .plan import Buffer, Plan, PlanCache
+from .recording import Call, Recorder, Recording, refuse_sample_mixing_layers
+
+
+class BatchPartitionEngine:
+    """Per-task gradients from a single backward pass over a task-partitioned batch.
+
+    Use it when the model processes one batch that concatenates the tasks' batches (task 0's
+    rows first, then task 1's, ...), treats samples independently, and each task's loss depends
+    only on its own rows: the usual multi-task setting. ``nn.Linear``, ``nn.Embedding`` and
+    ``nn.LayerNorm`` take the fast path; the parameters of any other layer are differentiated
+    per task by autograd, so the result is the same Jacobian as the default engine's. So are
+    those of a supported layer whose parameter is also used outside its calls (weight tying, a
+    penalty on the weights in the loss) or whose input or output is changed in place after the
+    call: the engine detects both at every step and warns once. The model must run uncompiled:
+    a forward pass traced by ``torch.compile`` is refused (the default engine handles those).
+    Under PCGrad or GradNorm the engine writes every step into the same ``[T, P]`` matrix,
+    which stays allocated between steps until :meth:`remove`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose forward pass is recorded. It must not mix samples: a model with
+        BatchNorm is refused.
+    verify : bool
+        Also compute every Jacobian the slow way and raise if the two differ (for debugging a
+        model or loss that might mix samples across tasks).
+    factored : {"auto", "always", "never"}
+        How a Linear layer's per-task weight gradients are kept. Dense: ``T`` matrices of
+        ``in x out``. Factored: the layer's inputs and output gradients (``M`` rows), from which
+        the Gramian and any combination come without the ``[T, in * out]`` matrix (the "ghost
+        norm" trick); its cost grows with ``M^2`` instead of ``T^2``, and it saves the
+        ``[T, P]`` memory. ``"auto"`` (default) picks the cheaper one per layer: dense for
+        small layers and few tasks (the LunarLander study's network), factored for wide
+        layers with many tasks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import gradsurgery as gs
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> engine = gs.BatchPartitionEngine(model)
+    >>> opt = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), engine=engine)
+    >>> x, y = torch.randn(6, 4), torch.randn(6, 1)
+    >>> with engine.record(task_sizes=[2, 4]):
+    ...     out = model(x)
+    >>> losses = [(out[:2] - y[:2]).pow(2).mean(), (out[2:] - y[2:]).pow(2).mean()]
+    >>> opt.zero_grad()
+    >>> info = opt.pc_backward(losses)
+    >>> opt.step()
+    """
+
+    single_backward = True
+
+    def __init__(self, model: nn.Module, *, verify: bool = False, factored: str = "auto") -> None:
+        if factored not in ("auto", "always", "never"):
+            raise ValueError(f"factored must be 'auto', 'always' or 'never', got {factored!r}")
+        refuse_sample_mixing_layers(model)
+        self.model = model
+        self.verify = verify
+        self.factored = factored
+        self._recorder = Recorder(model)
+        self._plans = PlanCache(factored)
+
+    def record(
+        self, task_sizes: Sequence[int]
+    ) -> contextlib.AbstractContextManager[BatchPartitionEngine]:
+        """Record the forward pass of a batch made of ``task_sizes[i]`` rows of task ``i``.
+
+        Parameters
+        ----------
+        task_sizes : sequence of int
+            Rows per task, in order; the batch has ``sum(task_sizes)`` rows.
+        """
+        sizes = [int(s) for s in task_sizes]
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"task_sizes must be positive row counts, got {list(task_sizes)}")
+        return Recording(self._recorder, sizes, self)
+
+    def remove(self) -> None:
+        """Remove the engine's hooks from the model and free the matrix it keeps for reuse."""
+        self._recorder.remove()
+        self._plans.clear()
+
+    def jacobian(
+        self,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        reuse: bool = False,
+    ) -> TaskJacobian:
+        """Per-task gradients of ``params`` for the losses of the last recorded forward pass.
+
+        With ``reuse``, the gradients are written into the matrix of the last call that reused
+        one for the same layout, overwriting the Jacobian it returned: for callers that drop
+        the Jacobian within their step (PCGrad, GradNorm), it saves allocating the matrix and
+        its per-layer views at every step.
+        """
+        calls, slow, _ = self._recorder.take(losses)
+        return self._jacobian(losses, params, calls, slow, retain_graph, reuse)
+
+    def reached_jacobian(
+        self, losses: Sequence[Tensor], leading: Sequence[Tensor], *, reuse: bool = False
+    ) -> tuple[list[Tensor], TaskJacobian]:
+        """Per-task gradients of ``leading``, then of every other parameter the losses reach.
+
+        Returns the parameters (``leading`` first) and their Jacobian. The graph walk that
+        checks the recorded layers also finds the parameters: no second walk. ``reuse`` as in
+        :meth:`jacobian`.
+        """
+        calls, slow, leaves = self._recorder.take(losses)
+        recorded = [
+            p for module in calls for _, p in self._recorder.owned[module] if p.requires_grad
+        ]
+        params = unique_tensors([*leading, *recorded, *leaves])
+        return params, self._jacobian(losses, params, calls, slow, False, reuse)
+
+    def _jacobian(
+        self,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        calls: dict[nn.Module, list[Call]],
+        slow: set[nn.Module],
+        retain_graph: bool,
+        reuse: bool,
+    ) -> TaskJacobian:
+        sizes = self._recorder.task_sizes
+        assert sizes is not None
+        reference = task_jacobian(losses, params, retain_graph=True) if self.verify else None
+        key, plan = self._plans.plan(params, sizes, calls, slow, self._recorder.owned)
+
+        # Large Linear weights stay factored (inputs and output gradients); the rest is written
+        # in place, block by block, into one [T, P_dense] matrix: peak memory is that matrix
+        # plus one layer's per-task gradients, never two copies of it.
+        num_tasks = len(sizes)
+        buffer = self._plans.buffer(key, plan, params[0], num_tasks, reuse)
+        matrix, blocks = buffer.matrix, buffer.blocks
+        reached = None  # every task reaches every parameter: the usual case
+        if plan.slow_columns:  # first, while the graph is whole; the single backward frees it
+            slow_params = [params[k] for k in plan.slow_columns]
+            slow = task_jacobian(losses, slow_params, retain_graph=True)
+            slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1)
+            for k, block in zip(plan.slow_columns, slow_blocks, strict=True):
+                blocks[plan.dense_slot[k]].copy_(block)
+            reached = np.zeros((num_tasks, len(params)), dtype=bool)
+            reached[:, plan.slow_columns] = slow.reached
+        written, factors = self._fast_path(plan, calls, losses, buffer, retain_graph)
+        factored = {}
+        for k in plan.factored_weight.values():
+            rows = factors.get(k)
+            if rows is None:  # the losses never reached the layer: no rows, a zero gradient
+                p = params[k]
+                rows = [(p.new_zeros(0, p.shape[1]), p.new_zeros(0, p.shape[0]), no_rows(p))]
+            else:
+                written.add(k)
+            inputs, grads_out, row_tasks = (torch.cat(parts) for parts in zip(*rows, strict=True))
+            factored[k] = FactoredGradients(inputs, grads_out, row_tasks, num_tasks)
+        if written != plan.fast_columns:  # a fast-path layer the losses never reached
+            if reached is None:
+                reached = np.zeros((num_tasks, len(params)), dtype=bool)
+            reached[:, sorted(written)] = True
+        elif reached is not None:
+            reached |= plan.fast_reached
+        jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
+        if reference is not None:
+            _check_agreement(jacobian, reference)
+        return jacobian
+
+    def _fast_path(
+        self,
+        plan: Plan,
+        calls: dict[nn.Module, list[Call]],
+        losses: Sequence[Tensor],
+        buffer: Buffer,
+        retain_graph: bool,
+    ) -> tuple[set[int], dict[int, list[tuple[Tensor, Tensor, Tensor]]]]:
+        """One backward pass of ``sum_i L_i`` to the recorded outputs, split by task.
+
+        Writes the dense per-task gradients into ``buffer``; returns the columns written and,
+        per factored column, the rows (inputs, output gradients, tasks) of each call.
+        """
+        blocks, views = buffer.blocks, buffer.in_place
+        sizes = self._recorder.task_sizes
+        assert sizes is not None
+        outputs = [call.output for module in plan.fast for call in calls[module]]
+        grads: Sequence[Tensor | None] = ()
+        if outputs:
+            # The gradient of sum_i L_i: autograd adds up the losses' gradients itself.
+            grads = torch.autograd.grad(
+                losses, outputs, retain_graph=retain_graph, allow_unused=True
+            )
+        output_grads = iter(grads)
+        written: set[int] = set()
+        factors: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        with torch.no_grad():  # the recorded inputs are in the graph; the products are not
+            for module in plan.fast:
+                formula = plan.formulas[module]
+                targets, factored_column = plan.targets[module], plan.factored_weight.get(module)
+                for call in calls[module]:
+                    grad_output = next(output_grads)
+                    if grad_output is None:
+                        continue
+                    if factored_column is not None:
+                        factors.setdefault(factored_column, []).append(
+                            linear_factors(module, call.input, grad_output, sizes)
+                        )
+                    # A layer's first call may write its gradients straight into the matrix.
+                    out = {
+                        name: views[module, name]
+                        for name, k, _ in plan.in_place.get(module, ())
+                        if k not in written
+                    }
+                    task_grads = formula(
+                        module, call.input, grad_output, sizes, factored_column is None, out
+                    )
+                    for name, k in targets:
+                        grad = task_grads[name]
+                        if grad is out.get(name):  # already in place
+                            written.add(k)
+                        elif k in written:  # a second call of the same layer adds to the first
+                            blocks[plan.dense_slot[k]].add_(grad.reshape(len(sizes), -1))
+                        else:
+                            blocks[plan.dense_slot[k]].copy_(grad.reshape(len(sizes), -1))
+                            written.add(k)
+        for k in plan.fast_dense_columns - written:  # layers the losses never reached
+            blocks[plan.dense_slot[k]].zero_()
+        return written, factors
+
+
+def _check_agreement(fast: TaskJacobian, reference: TaskJacobian) -> None:
+    scale = reference.matrix.abs().max().clamp_min(1.0)
+    tolerance = 1e3 * torch.finfo(reference.matrix.dtype).eps * scale
+    difference = (fast.matrix - reference.matrix).abs().max()
+    if difference > tolerance:
+        raise RuntimeError(
+            f"BatchPartitionEngine disagrees with per-task autograd (max difference "
+            f"{float(difference):.3g}): the model or a loss mixes samples of different tasks, "
+            "or the batch rows are not in task order"
+        )

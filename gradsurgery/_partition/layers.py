@@ -1,0 +1,189 @@
+"""Per-task parameter gradients of one recorded layer call: a registry by layer type.
+
+For the layers registered here a parameter's gradient is a sum over the batch's rows of a
+product of the layer's input and its output gradient, so task ``t``'s gradient is that sum
+over task ``t``'s rows. Each entry gives the formula and says for which of the layer's
+options it holds; a layer of an unregistered type, a subclass (which may override
+``forward``) or an option the formula does not cover is differentiated per task by autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+from .._jacobian import outer_sums
+
+TaskGrads = Callable[
+    [nn.Module, Tensor, Tensor, Sequence[int], bool, dict[str, Tensor]], dict[str, Tensor]
+]
+"""``(layer, input, output gradient, task sizes, weight, out) -> {name: [T, *shape]}``.
+
+``weight=False`` leaves out a weight kept factored instead; ``out`` maps parameter names to
+``[T, *shape]`` tensors the gradients may be written into (the entry returned is then that
+tensor itself)."""
+
+
+class LayerRule(NamedTuple):
+    """How one layer type's per-task gradients come from its recorded calls."""
+
+    task_grads: TaskGrads
+    applies: Callable[[nn.Module], bool]  # whether the formula holds for this layer's options
+    in_place: bool  # the formula can write into views of the per-task matrix
+    factorable: bool  # the weight may stay factored (FactoredGradients: inputs x output grads)
+
+
+LAYERS: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_layer(
+    layer_type: type[nn.Module],
+    task_grads: TaskGrads,
+    *,
+    applies: Callable[[nn.Module], bool] = lambda module: True,
+    in_place: bool = False,
+    factorable: bool = False,
+) -> None:
+    """Put ``layer_type`` (exactly that type, not its subclasses) on the fast path."""
+    LAYERS[layer_type] = LayerRule(task_grads, applies, in_place, factorable)
+
+
+def task_index(sizes: Sequence[int], device: torch.device, per_sample: int = 1) -> Tensor:
+    """The task of every row (``per_sample`` rows per sample), ``[sum(sizes) * per_sample]``.
+
+    Shared between calls: do not modify it.
+    """
+    return _cached_task_index(tuple(sizes), device, per_sample)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_task_index(sizes: tuple[int, ...], device: torch.device, per_sample: int) -> Tensor:
+    counts = torch.tensor(sizes, device=device) * per_sample
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+
+
+def task_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Sum of ``values`` (``[N, ...]``) over each task's rows: ``[T, ...]``."""
+    if len(set(sizes)) == 1:
+        return values.reshape(len(sizes), sizes[0], *values.shape[1:]).sum(dim=1)
+    out = values.new_zeros(len(sizes), *values.shape[1:])
+    return out.index_add_(0, task_index(sizes, values.device), values)
+
+
+def no_rows(p: Tensor) -> Tensor:
+    """An empty task index, for a factored layer the losses never reached."""
+    return torch.zeros(0, dtype=torch.long, device=p.device)
+
+
+def linear_task_grads(
+    module: nn.Module,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool,
+    out: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """``W_t = sum over task t's rows of g x^T``, ``b_t = sum of g`` (extra dims summed too)."""
+    # From the registry, not ``module.weight``: nn.Module.__getattr__ is a Python call, and this
+    # runs for every layer at every step.
+    parameters = module._parameters
+    in_features, out_features = parameters["weight"].shape[1], parameters["weight"].shape[0]
+    dtype, has_bias = parameters["weight"].dtype, parameters["bias"] is not None
+    g = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
+    grads = {}
+    if len(set(sizes)) == 1:  # one batched matmul: the same FLOPs as the plain weight grad
+        gs = g.reshape(len(sizes), -1, out_features)
+        if weight:
+            xs = x.reshape(len(sizes), -1, in_features)
+            grads["weight"] = outer_sums(gs, xs, out.get("weight"))
+        if has_bias:
+            grads["bias"] = torch.sum(gs, dim=1, out=out.get("bias"))
+        return grads
+    g = g.reshape(g.shape[0], -1, out_features)
+    if weight:
+        x = x.reshape(x.shape[0], -1, in_features)
+        starts = [sum(sizes[:t]) for t in range(len(sizes))]
+        grads["weight"] = torch.stack(
+            [
+                outer_sums(
+                    g[a : a + n].reshape(-1, out_features),
+                    x[a : a + n].reshape(-1, in_features),
+                )
+                for a, n in zip(starts, sizes, strict=True)
+            ]
+        )
+    if has_bias:
+        grads["bias"] = task_sums(g.sum(dim=1), sizes)
+    return grads
+
+
+def linear_factors(
+    module: nn.Module, x: Tensor, grad_output: Tensor, sizes: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Linear call's rows: inputs ``[M, in]``, output gradients ``[M, out]``, tasks ``[M]``."""
+    weight = module._parameters["weight"]
+    dtype, (out_features, in_features) = weight.dtype, weight.shape
+    inputs = x.detach().to(dtype).reshape(-1, in_features)  # kept beyond the no_grad
+    rows_per_sample = inputs.shape[0] // x.shape[0]
+    row_tasks = task_index(sizes, x.device, rows_per_sample)
+    return inputs, grad_output.to(dtype).reshape(-1, out_features), row_tasks
+
+
+def embedding_task_grads(
+    module: nn.Module,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool,
+    out: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Token ``k`` of task ``t`` adds its output gradient to row ``k`` of task ``t``'s table."""
+    embeddings = module._parameters["weight"]
+    tokens = x.reshape(-1)
+    tasks = task_index(sizes, x.device, tokens.shape[0] // x.shape[0])
+    g = grad_output.reshape(-1, embeddings.shape[1]).to(embeddings.dtype)
+    table = out["weight"].zero_() if out else g.new_zeros(len(sizes), *embeddings.shape)
+    table.index_put_((tasks, tokens), g, accumulate=True)  # one call for every task
+    if module.padding_idx is not None:
+        table[:, module.padding_idx] = 0
+    return {"weight": table}
+
+
+def layer_norm_task_grads(
+    module: nn.Module,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool,
+    out: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """``gamma_t = sum over task t's rows of g * normalized(x)``, ``beta_t = sum of g``."""
+    assert isinstance(module, nn.LayerNorm)
+    shape = tuple(module.normalized_shape)
+    num_rows = x.shape[0]
+    normalized = nnf.layer_norm(x.to(grad_output.dtype), shape, eps=module.eps)
+    g = grad_output.reshape(num_rows, -1, *shape)
+    grads = {}
+    if module.weight is not None:
+        product = (g * normalized.reshape(g.shape)).sum(dim=1)
+        grads["weight"] = task_sums(product, sizes).to(module.weight.dtype)
+    if module.bias is not None:
+        grads["bias"] = task_sums(g.sum(dim=1), sizes).to(module.bias.dtype)
+    return grads
+
+
+register_layer(nn.Linear, linear_task_grads, in_place=True, factorable=True)
+register_layer(
+    nn.Embedding,
+    embedding_task_grads,
+    # A sparse gradient and renormalization (max_norm) change what a step computes.
+    applies=lambda module: not module.sparse and module.max_norm is None,
+    in_place=True,
+)
+register_layer(nn.LayerNorm, layer_norm_task_grads)
