@@ -16,16 +16,36 @@ import torch
 from torch import Tensor
 
 from .._validation import check_reduction
+from ._dbmtl import dbmtl_weights
+from ._dwa import dwa_weights
+from ._famo import famo_logit_gradient, famo_weights
+from ._gls import gls_weights
+from ._imtl_l import imtl_l_scale_gradient, imtl_l_weights
+from ._rlw import rlw_weights
+from ._stch import stch_log_weights, stch_weights
+from ._uw import uw_log_variance_gradient, uw_weights
 
 __all__ = [
     "conflicting_pairs",
     "cosine_similarity_matrix",
+    "dbmtl_weights",
+    "dwa_weights",
+    "famo_logit_gradient",
+    "famo_weights",
+    "gls_weights",
     "gradnorm_loss",
     "gradnorm_targets",
     "gramian",
+    "imtl_l_scale_gradient",
+    "imtl_l_weights",
     "pcgrad",
     "pcgrad_coefficients",
     "projection_orders",
+    "rlw_weights",
+    "stch_log_weights",
+    "stch_weights",
+    "uw_log_variance_gradient",
+    "uw_weights",
 ]
 
 
