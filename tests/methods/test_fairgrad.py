@@ -1,0 +1,202 @@
+"""FairGrad: the alpha-fair weights against torchjd and the defining equation G w = w^(-1/alpha)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torchjd.aggregation._fairgrad import FairGradWeighting
+
+from gradsurgery._weighting import Needs, TaskStats
+from gradsurgery.functional._fairgrad import fairgrad_weights
+from gradsurgery.methods.fairgrad import FairGrad
+
+from ._jacobians import cases, random_jacobian
+
+ALPHAS = (0.5, 1.0, 2.0, 5.0)
+
+
+def torchjd_weights(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """torchjd's weights, on the Gramian normalized by its largest diagonal entry.
+
+    scipy's least_squares stops on absolute tolerances, so torchjd is accurate only for a
+    Gramian of order one; the weights of ``s G`` are ``s^(-alpha / (1 + alpha))`` times those
+    of ``G``, which carries torchjd's answer to any scale.
+    """
+    scale = float(G.diagonal().max())
+    return FairGradWeighting(alpha)(G / scale) * scale ** (-alpha / (1 + alpha))
+
+
+def residual(G: torch.Tensor, w: torch.Tensor, alpha: float) -> float:
+    """Largest backward error of the equations ``(G w)_i = w_i^(-1/alpha)``: relative to the
+    magnitudes of the terms, the rounding level of an ill-conditioned Gramian."""
+    target = w ** (-1 / alpha)
+    return float(((G @ w - target).abs() / (G.abs() @ w + target)).max())
+
+
+def test_agrees_with_torchjd():
+    """Same weights wherever torchjd solved the equation; elsewhere torchjd stopped short.
+
+    scipy's least_squares stops on its own tolerances (ftol = 1e-8), which an ill-conditioned
+    Gramian turns into a visible error in the weights; ours converge to rounding level.
+    """
+    compared, worst = 0, 0.0
+    for name, J in cases(pareto_stationary=False):
+        for alpha in ALPHAS:
+            G = J @ J.T
+            ours = fairgrad_weights(G, alpha, rescale=False)
+            theirs = torchjd_weights(G, alpha)
+            ours_residual, their_residual = residual(G, ours, alpha), residual(G, theirs, alpha)
+            assert ours_residual < 1e-13, (name, alpha, ours_residual)
+            if their_residual < 1e-10:
+                compared += 1
+                worst = max(worst, float(((ours - theirs).abs() / theirs).max()))
+            else:
+                assert ours_residual < their_residual / 1e3, (name, alpha)
+    assert worst < 1e-7
+    assert compared >= 0.65 * len(cases(pareto_stationary=False)) * len(ALPHAS)
+
+
+def test_agrees_with_torchjd_unnormalized_at_unit_scale():
+    J = random_jacobian(5, 0)
+    G = J @ J.T
+    torch.testing.assert_close(
+        fairgrad_weights(G, 2.0, rescale=False), FairGradWeighting(2.0)(G), rtol=1e-5, atol=0
+    )
+
+
+def test_rescale_is_the_authors_times_num_tasks():
+    G = random_jacobian(4, 1) @ random_jacobian(4, 1).T
+    torch.testing.assert_close(
+        fairgrad_weights(G, 2.0), 4 * fairgrad_weights(G, 2.0, rescale=False), rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1.0, 1e6])
+def test_max_norm_clips_as_clip_grad_norm(max_norm):
+    J = random_jacobian(3, 2)
+    weights = fairgrad_weights(J @ J.T, 2.0)
+    parameter = torch.zeros(J.shape[1], dtype=torch.float64, requires_grad=True)
+    parameter.grad = weights @ J
+    torch.nn.utils.clip_grad_norm_([parameter], max_norm)
+    clipped = fairgrad_weights(J @ J.T, 2.0, max_norm=max_norm)
+    torch.testing.assert_close(clipped @ J, parameter.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_zero_gradients_get_zero_weight_and_leave_the_others_alone():
+    J = random_jacobian(4, 13)
+    J[2] = 0.0
+    weights = fairgrad_weights(J @ J.T, 1.0, rescale=False)
+    others = [0, 1, 3]
+    assert weights[2] == 0
+    reduced = fairgrad_weights(J[others] @ J[others].T, 1.0, rescale=False)
+    torch.testing.assert_close(weights[others], reduced, rtol=1e-12, atol=0)
+    # torchjd drives the zero task's weight up without bound; the others are the same.
+    torch.testing.assert_close(
+        weights[others], torchjd_weights(J @ J.T, 1.0)[others], rtol=1e-5, atol=0
+    )
+
+
+def test_all_zero_gradients_give_zero_weights():
+    assert fairgrad_weights(torch.zeros(3, 3)).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["conflicting-pair", "conflicting-scaled-pair", "rank2-T8"])
+def test_pareto_stationary_gradients_raise(name):
+    J = dict(cases())[name]
+    with pytest.raises(ValueError, match="Pareto-stationary"):
+        fairgrad_weights(J @ J.T, 1.0)
+
+
+def test_alpha_zero_is_the_uniform_weighting():
+    G = random_jacobian(5, 3) @ random_jacobian(5, 3).T
+    assert fairgrad_weights(G, 0.0, rescale=False).tolist() == [0.2] * 5
+    assert fairgrad_weights(G, 0.0).tolist() == [1.0] * 5
+
+
+def test_single_task():
+    # g . (w g) = w^(-1/alpha): w = ||g||^(-2 alpha / (1 + alpha))
+    weights = fairgrad_weights(torch.tensor([[9.0]]), 2.0)
+    torch.testing.assert_close(weights, torch.tensor([9.0 ** (-2 / 3)], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"max_norm": -1.0}, "max_norm"),
+        ({"tol": 0.0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fairgrad_weights(torch.eye(2), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        FairGrad(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "gramian",
+    [
+        torch.ones(2, 3),
+        torch.ones(3),
+        torch.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+        torch.tensor([[-1.0, 0.0], [0.0, 1.0]]),
+    ],
+)
+def test_bad_gramians_are_refused(gramian):
+    with pytest.raises(ValueError, match="gramian"):
+        fairgrad_weights(gramian)
+
+
+jacobians = st.builds(
+    random_jacobian, st.integers(1, 8), st.integers(0, 2**31 - 1), st.integers(8, 16)
+)
+alphas = st.sampled_from([0.3, 0.5, 1.0, 2.0, 5.0])
+
+
+@given(jacobians, alphas)
+def test_the_weights_solve_the_fairness_equation(J, alpha):
+    G = J @ J.T
+    weights = fairgrad_weights(G, alpha, rescale=False)
+    assert (weights > 0).all()
+    assert residual(G, weights, alpha) < 1e-9
+
+
+@given(jacobians, alphas, st.randoms(use_true_random=False))
+def test_permuting_the_tasks_permutes_the_weights(J, alpha, rng):
+    permutation = list(range(J.shape[0]))
+    rng.shuffle(permutation)
+    G = J @ J.T
+    permuted = fairgrad_weights(G[permutation][:, permutation], alpha)
+    torch.testing.assert_close(permuted, fairgrad_weights(G, alpha)[permutation], rtol=1e-9, atol=0)
+
+
+@given(jacobians, alphas, st.floats(-6, 6))
+def test_scaling_the_gradients(J, alpha, log_scale):
+    # G -> s G gives w -> s^(-alpha / (1 + alpha)) w: the update grows as s^(1 / (2 (1 + alpha))).
+    s = 10.0**log_scale
+    G = J @ J.T
+    torch.testing.assert_close(
+        fairgrad_weights(s * G, alpha),
+        s ** (-alpha / (1 + alpha)) * fairgrad_weights(G, alpha),
+        rtol=1e-9,
+        atol=0,
+    )
+
+
+def test_decide_matches_the_functional():
+    J = random_jacobian(3, 5)
+    G = J @ J.T
+    method = FairGrad(alpha=2.0, max_norm=1.0)
+    decision = method.decide(TaskStats(losses=(1.0, 2.0, 3.0), gramian_rows=G.tolist()))
+    expected = fairgrad_weights(G, 2.0, max_norm=1.0)
+    np.testing.assert_allclose(decision.weights, expected.numpy(), rtol=1e-12)
+    assert decision.state is None
+    assert method.needs is Needs.GRAMIAN and method.unshared == "sum"
+    assert method.state_dict() == {}
+    assert repr(method).startswith("FairGrad(alpha=2.0, rescale=True, max_norm=1.0")
