@@ -18,6 +18,7 @@ from torch import Tensor
 from .._validation import check_reduction
 from ._dbmtl import dbmtl_weights
 from ._dwa import dwa_weights
+from ._fairgrad import fairgrad_weights
 from ._famo import famo_logit_gradient, famo_weights
 from ._gls import gls_weights
 from ._imtl_l import imtl_l_scale_gradient, imtl_l_weights
@@ -30,6 +31,7 @@ __all__ = [
     "cosine_similarity_matrix",
     "dbmtl_weights",
     "dwa_weights",
+    "fairgrad_weights",
     "famo_logit_gradient",
     "famo_weights",
     "gls_weights",
