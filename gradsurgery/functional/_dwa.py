@@ -63,6 +63,8 @@ def check_temperature(temperature: float) -> None:
 def _dwa_weights(last: list[float], before_last: list[float], temperature: float) -> list[float]:
     scaled = [a / b / temperature for a, b in zip(last, before_last, strict=True)]
     top = max(scaled)  # exp of at most 0: no overflow
+    if top == math.inf:
+        raise ValueError("a DWA loss ratio overflows float64: the losses fell by over 1e308")
     exps = [math.exp(x - top) for x in scaled]
     factor = len(exps) / sum(exps)
     return [e * factor for e in exps]

@@ -41,6 +41,14 @@ def gls_weights(losses: FloatVector) -> Tensor:
 
 def _gls_weights(losses: list[float]) -> list[float]:
     num_tasks = len(losses)
-    logs = [math.log(loss) for loss in losses]  # the product itself under- or overflows
-    geometric_mean = math.exp(math.fsum(logs) / num_tasks)
-    return [geometric_mean / (num_tasks * loss) for loss in losses]
+    # In log space: the product itself under- or overflows, and GM / L_i = exp(mean - log L_i)
+    # is exact where the two are equal (one task gets exactly 1).
+    logs = [math.log(loss) for loss in losses]
+    mean = math.fsum(logs) / num_tasks
+    try:
+        return [math.exp(mean - log) / num_tasks for log in logs]
+    except OverflowError:
+        raise ValueError(
+            "GLS's weight GM / (T L_i) of the smallest loss overflows float64: the losses "
+            f"span {min(losses):.3g} to {max(losses):.3g}; rescale the losses"
+        ) from None

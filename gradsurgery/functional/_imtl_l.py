@@ -68,7 +68,13 @@ def imtl_l_scale_gradient(losses: FloatVector, log_scales: FloatVector) -> Tenso
 
 
 def _imtl_l_weights(log_scales: list[float]) -> list[float]:
-    return [math.exp(s) for s in log_scales]
+    try:
+        return [math.exp(s) for s in log_scales]
+    except OverflowError:
+        raise ValueError(
+            f"the log_scales have diverged (|s| up to {max(map(abs, log_scales)):.6g}): the "
+            "weights overflow; lower the learning rate of the optimizer that steps them"
+        ) from None
 
 
 def _imtl_l_gradient(losses: list[float], weights: list[float]) -> list[float]:

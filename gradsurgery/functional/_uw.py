@@ -70,7 +70,13 @@ def uw_log_variance_gradient(losses: FloatVector, log_variances: FloatVector) ->
 
 
 def _uw_weights(log_variances: list[float]) -> list[float]:
-    return [0.5 * math.exp(-s) for s in log_variances]
+    try:
+        return [0.5 * math.exp(-s) for s in log_variances]
+    except OverflowError:
+        raise ValueError(
+            f"the log_variances have diverged (|s| up to {max(map(abs, log_variances)):.6g}): the "
+            "weights overflow; lower the learning rate of the optimizer that steps them"
+        ) from None
 
 
 def _uw_gradient(losses: list[float], weights: list[float]) -> list[float]:
