@@ -7,7 +7,7 @@ the optimizer state and the task weights exactly as they were.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -114,3 +114,98 @@ def check_num_tasks(num_tasks: int) -> int:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
     return num_tasks
+
+
+def check_real(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    """A finite real hyper-parameter in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_generator(generator: object) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or "
+            f"None, got {type(generator).__name__} {generator!r}"
+        )
+    return generator
+
+
+def check_engine(engine: object) -> None:
+    """An engine is an object with ``jacobian`` (and ``reached_jacobian``), or ``None``."""
+    if engine is None:
+        return
+    if not (callable(getattr(engine, "jacobian", None)) and hasattr(engine, "single_backward")):
+        raise TypeError(
+            "engine must be an engine object, e.g. gs.BatchPartitionEngine(model), or None for "
+            f"the default per-task autograd engine; got {type(engine).__name__} {engine!r}"
+        )
+
+
+def check_real_parameters(params: Sequence[Tensor], what: str) -> None:
+    """Refuse complex (and other non-floating) parameters, naming the first one."""
+    for k, p in enumerate(params):
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{what} holds a tensor of dtype {p.dtype} (tensor {k}, shape "
+                f"{tuple(p.shape)}): gradsurgery combines real floating-point gradients only; "
+                "optimize complex parameters as real views (torch.view_as_real) or with a "
+                "separate optimizer"
+            )
+
+
+def as_parameter_list(parameters: Iterable[Tensor] | torch.nn.Module, what: str) -> list[Tensor]:
+    """Accept a module or an iterable of tensors; return the tensors that require grad."""
+    if parameters is None:
+        raise TypeError(
+            f"{what} is None: pass the module or the parameters (an iterable of tensors) it names"
+        )
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be a module or an iterable of tensors, got {type(parameters).__name__}"
+        ) from None
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{what} must hold tensors, got a {type(p).__name__}")
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError(f"{what} is empty: no tensor in it requires grad")
+    return unique(params)
+
+
+def unique(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """``tensors`` without repeats (by identity), in order."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out

@@ -13,6 +13,7 @@ Writing a method takes one subclass of :class:`Method` with one :meth:`Method.de
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from ._info import StepInfo
 
 if TYPE_CHECKING:  # the Jacobian type only; a method never imports an engine
     from ._jacobian import TaskJacobian
@@ -86,9 +89,9 @@ class TaskStats:
     def grad_norms(self) -> tuple[float, ...]:
         """Norms of the task gradients on the shared parameters."""
         if self.squared_norms is not None:
-            return tuple(max(s, 0.0) ** 0.5 for s in self.squared_norms)
+            return tuple(math.sqrt(max(s, 0.0)) for s in self.squared_norms)
         if self.gramian_rows is not None:
-            return tuple(max(row[i], 0.0) ** 0.5 for i, row in enumerate(self.gramian_rows))
+            return tuple(math.sqrt(max(row[i], 0.0)) for i, row in enumerate(self.gramian_rows))
         raise RuntimeError("this method did not declare needs >= Needs.NORMS")
 
 
@@ -138,11 +141,15 @@ class Method:
         What the parameters outside the shared set get: the same weighted combination
         (``"weights"``, the weighted-loss convention of most methods), or the plain mean or sum
         of the gradients of the tasks that reach each of them (PCGrad's convention).
+    info_class : type
+        The :class:`~gradsurgery.StepInfo` subclass a step returns; its ``extras`` are the
+        decision's.
     """
 
     needs: ClassVar[Needs] = Needs.GRAMIAN
     unshared: ClassVar[str] = "weights"
     generator: torch.Generator | None = None
+    info_class: ClassVar[type[StepInfo]] = StepInfo
 
     def decide(self, stats: TaskStats) -> Decision:
         """The weights of this step, from the quantities declared in :attr:`needs`."""

@@ -11,7 +11,7 @@ from hypothesis import given
 
 import gradsurgery as gs
 from gradsurgery import functional as F
-from gradsurgery._gradnorm import _Adam
+from gradsurgery.methods._adam import Adam as _Adam
 from tests._models import DEVICES, MultiHead, batch, model_and_batch
 
 

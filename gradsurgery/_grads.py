@@ -1,0 +1,53 @@
+"""Writing ``.grad`` as ``backward()`` would: accumulated, once per step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulate_grads", "all_finite"]
+
+
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Add ``grads[k]`` (flattened) into ``params[k].grad``, as ``backward`` would.
+
+    The tensors in ``grads`` must be fresh ones the caller gives away: empty ``.grad`` slots
+    take them (as views) rather than copies.
+    """
+    existing_params, existing_grads = [], []
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is None:
+            p.grad = g.view_as(p)
+        else:
+            existing_params.append(p.grad)
+            existing_grads.append(g.view_as(p))
+    if existing_params:
+        torch._foreach_add_(existing_params, existing_grads)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one device sync.
+
+    NaN and Inf survive a sum, so one reduction clears the usual case; only a non-finite sum
+    (a real NaN or Inf, or finite values whose sum overflows) pays for the elementwise test.
+    Pieces of one vector (a combination split per parameter) are summed as that vector.
+    """
+    if not tensors:
+        return True
+    base = tensors[0]._base
+    if (
+        base is not None
+        and base.dim() == 1
+        and all(t._base is base for t in tensors)
+        and sum(t.numel() for t in tensors) == base.numel()
+    ):
+        parts: Sequence[Tensor] = [base]
+    else:
+        parts = tensors
+    total = parts[0].sum() if len(parts) == 1 else torch.stack([t.sum() for t in parts]).sum()
+    if math.isfinite(total):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in parts)
