@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_reduction
+from ._config import config_weights
 from ._dbmtl import dbmtl_weights
 from ._dwa import dwa_weights
 from ._fairgrad import fairgrad_weights
@@ -27,6 +28,7 @@ from ._stch import stch_log_weights, stch_weights
 from ._uw import uw_log_variance_gradient, uw_weights
 
 __all__ = [
+    "config_weights",
     "conflicting_pairs",
     "cosine_similarity_matrix",
     "dbmtl_weights",
