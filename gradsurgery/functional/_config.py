@@ -63,7 +63,7 @@ def config_weights(
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
     >>> d = config_weights(J @ J.T) @ J
     >>> J @ d / J.norm(dim=1)                # equal projections of the unit gradients
-    tensor([1.0824, 1.0824], dtype=torch.float64)
+    tensor([0.3536, 0.3536], dtype=torch.float64)
     """
     G = gramian_array(gramian)
     pref = None if pref_vector is None else check_pref_vector(pref_vector, G.shape[0])
