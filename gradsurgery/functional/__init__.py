@@ -16,22 +16,32 @@ import torch
 from torch import Tensor
 
 from .._validation import check_reduction
+from ._aligned_mtl import aligned_mtl_weights
+from ._cagrad import cagrad_weights
 from ._config import config_weights
 from ._dbmtl import dbmtl_weights
+from ._dualproj import dualproj_weights
 from ._dwa import dwa_weights
 from ._fairgrad import fairgrad_weights
 from ._famo import famo_logit_gradient, famo_weights
 from ._gls import gls_weights
 from ._imtl_l import imtl_l_scale_gradient, imtl_l_weights
+from ._imtlg import imtlg_weights
+from ._mgda import mgda_weights
+from ._nash_mtl import nash_mtl_weights
 from ._rlw import rlw_weights
 from ._stch import stch_log_weights, stch_weights
+from ._upgrad import upgrad_weights
 from ._uw import uw_log_variance_gradient, uw_weights
 
 __all__ = [
+    "aligned_mtl_weights",
+    "cagrad_weights",
     "config_weights",
     "conflicting_pairs",
     "cosine_similarity_matrix",
     "dbmtl_weights",
+    "dualproj_weights",
     "dwa_weights",
     "fairgrad_weights",
     "famo_logit_gradient",
@@ -42,12 +52,16 @@ __all__ = [
     "gramian",
     "imtl_l_scale_gradient",
     "imtl_l_weights",
+    "imtlg_weights",
+    "mgda_weights",
+    "nash_mtl_weights",
     "pcgrad",
     "pcgrad_coefficients",
     "projection_orders",
     "rlw_weights",
     "stch_log_weights",
     "stch_weights",
+    "upgrad_weights",
     "uw_log_variance_gradient",
     "uw_weights",
 ]

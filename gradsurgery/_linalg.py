@@ -1,0 +1,275 @@
+"""Small dense linear algebra on ``[T, T]`` Gramians, in float64 NumPy.
+
+The problems here have one variable per task, so ``T`` is a few to a few tens: the solvers are
+exact active-set methods with a bounded number of iterations, written for that size, with no
+solver library behind them. Every function takes and returns NumPy float64 arrays; the public
+functions in :mod:`gradsurgery.functional` convert from and to tensors.
+
+Two quadratic programs cover MGDA, UPGrad, DualProj and CAGrad's sub-problem, and both reduce to
+one non-negative least-squares problem in Gram form (:func:`nnls_gram`):
+
+- the minimum-norm point of the convex hull of the task gradients (:func:`min_norm_simplex`);
+- the projection of ``J^T u`` onto the dual cone of the rows of ``J`` (:func:`project_dual_cone`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+__all__ = [
+    "SolverError",
+    "as_gramian",
+    "as_task_vector",
+    "check_number",
+    "check_positive_int",
+    "min_norm_simplex",
+    "nnls_gram",
+    "normalize_and_regularize",
+    "preference_weights",
+    "project_dual_cone",
+    "scale_of",
+]
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+class SolverError(RuntimeError):
+    """A small solver did not reach its optimality conditions within its iteration bound."""
+
+
+def as_gramian(gramian: Tensor | np.ndarray, name: str = "gramian") -> np.ndarray:
+    """``gramian`` as a float64 ``[T, T]`` array, after checking it is one.
+
+    Raises ``ValueError`` when it is not square, is empty, holds NaN or Inf, or has a negative
+    diagonal entry (a squared norm), and ``TypeError`` when it is not a float tensor or array.
+    """
+    if isinstance(gramian, Tensor):
+        if not gramian.is_floating_point():
+            raise TypeError(f"{name} must have a float dtype, got {gramian.dtype}")
+        array = gramian.detach().to(device="cpu").double().numpy()
+    elif isinstance(gramian, np.ndarray):
+        if not np.issubdtype(gramian.dtype, np.floating):
+            raise TypeError(f"{name} must have a float dtype, got {gramian.dtype}")
+        array = gramian.astype(np.float64, copy=False)
+    else:
+        raise TypeError(f"{name} must be a [T, T] tensor, got {type(gramian).__name__}")
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] < 1:
+        raise ValueError(f"{name} must be a square [T, T] matrix with T >= 1, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or Inf; the task gradients must be finite")
+    if (array.diagonal() < 0).any():
+        raise ValueError(
+            f"{name} has a negative diagonal entry; a Gramian G = J J^T has squared norms there"
+        )
+    return array
+
+
+def scale_of(gramian: np.ndarray) -> float:
+    """The largest squared norm (diagonal entry) of ``gramian``; 0 when all gradients are 0."""
+    return float(gramian.diagonal().max())
+
+
+def nnls_gram(matrix: np.ndarray, target: np.ndarray, *, max_iter: int | None = None) -> np.ndarray:
+    """Minimize ``z^T M z - 2 c^T z`` over ``z >= 0``, for a symmetric PSD ``M`` (Gram form NNLS).
+
+    With ``M = A^T A`` and ``c = A^T b`` this is non-negative least squares
+    ``min ||A z - b||`` without ``A``. The algorithm is Lawson and Hanson's active-set method
+    (*Solving Least Squares Problems*, 1974, ch. 23): exact, finite, and it keeps the columns of
+    the passive set linearly independent, so a rank-deficient ``M`` is fine. The scale of
+    ``M`` and ``c`` should be about 1 (the callers normalize): the optimality tolerance is
+    absolute.
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray
+        ``[n, n]`` symmetric positive semi-definite ``M``.
+    target : numpy.ndarray
+        ``[n]`` vector ``c``.
+    max_iter : int, optional
+        Bound on the number of columns entering the passive set; ``3 n`` by default.
+
+    Returns
+    -------
+    numpy.ndarray
+        The minimizer ``z`` (``[n]``, float64, ``z >= 0``).
+
+    Raises
+    ------
+    SolverError
+        When the optimality conditions are not met within ``max_iter`` entries.
+    """
+    n = target.shape[0]
+    max_iter = 3 * n if max_iter is None else max_iter
+    magnitude = max(1.0, float(np.abs(matrix).max()), float(np.abs(target).max()))
+    tolerance = 10.0 * n * _EPS * magnitude
+    z = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    gradient = target.copy()  # c - M z: minus half the objective's gradient
+    for _ in range(max_iter):
+        candidates = np.where(passive, -np.inf, gradient)
+        entering = int(np.argmax(candidates))
+        if candidates[entering] <= tolerance:
+            return z  # KKT: no free coordinate can lower the objective
+        passive[entering] = True
+        for _ in range(n + 1):
+            indices = np.flatnonzero(passive)
+            trial = np.zeros(n)
+            trial[indices] = _solve_psd(matrix[np.ix_(indices, indices)], target[indices])
+            if (trial[indices] > 0).all():
+                z = trial
+                break
+            if trial[entering] <= 0 and z[entering] == 0:
+                # The entering column improves the objective by less than rounding: optimal.
+                passive[entering] = False
+                return z
+            blocking = indices[trial[indices] <= 0]
+            step = float(np.min(z[blocking] / (z[blocking] - trial[blocking])))
+            z = z + step * (trial - z)
+            passive &= z > tolerance
+            z[~passive] = 0.0
+        else:  # pragma: no cover - Lawson-Hanson's inner loop drops a column each pass
+            raise SolverError("the active-set NNLS solver cycled")
+        gradient = target - matrix @ z
+    raise SolverError(
+        f"the active-set NNLS solver did not converge in {max_iter} iterations; "
+        "the Gramian is likely too ill-conditioned (check the task gradients for NaN-like scales)"
+    )
+
+
+def _solve_psd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``M x = b`` for a small PSD ``M``; least squares when ``M`` is singular."""
+    try:
+        solution = np.linalg.solve(matrix, rhs)
+        if np.isfinite(solution).all():
+            return solution
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+
+
+def min_norm_simplex(gramian: np.ndarray) -> np.ndarray:
+    """The weights ``w`` on the simplex that minimize ``w^T G w`` (MGDA's problem).
+
+    ``J^T w`` is then the minimum-norm point of the convex hull of the rows of ``J``. Solved
+    exactly through one NNLS: with ``z = s w`` (``s >= 0``, ``w`` on the simplex),
+    ``min_{z >= 0} ||J^T z||^2 + (1^T z - 1)^2 = q / (1 + q)`` for ``q = w^T G w``, increasing in
+    ``q``, so the NNLS minimizer is ``s w*``: Gram matrix ``G + 1 1^T``, target ``1``.
+
+    When several ``w`` reach the minimum (a rank-deficient ``G``), one of them is returned;
+    ``J^T w`` is unique. All-zero gradients give the uniform weights.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradsurgery._linalg import min_norm_simplex
+    >>> min_norm_simplex(np.array([[1.0, 0.0], [0.0, 4.0]])).round(6)
+    array([0.8, 0.2])
+    """
+    num_tasks = gramian.shape[0]
+    scale = scale_of(gramian)
+    if scale == 0.0:
+        return np.full(num_tasks, 1.0 / num_tasks)
+    # The weights do not change when G is scaled; a unit scale makes the tolerances absolute.
+    matrix = gramian / scale + 1.0
+    z = nnls_gram(matrix, np.ones(num_tasks))
+    total = z.sum()
+    if not total > 0:  # pragma: no cover - z = 0 is never optimal since c = 1 > 0
+        raise SolverError("the minimum-norm solver returned zero weights")
+    return z / total
+
+
+def project_dual_cone(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The weights ``v`` of the projection of ``J^T u`` onto the dual cone of the rows of ``J``.
+
+    The dual cone is ``{x : J x >= 0}``. By Proposition 1 of Quinton and Rey (2024), the
+    projection is ``J^T v`` with ``v = argmin_{v >= u} v^T G v``: with ``v = u + z`` an NNLS in
+    Gram form (``M = G``, ``c = -G u``). Exact: ``G v >= 0`` (the result conflicts with no row)
+    up to rounding.
+
+    Parameters
+    ----------
+    gramian : numpy.ndarray
+        ``[T, T]`` Gramian ``G = J J^T``.
+    weights : numpy.ndarray
+        ``[T]`` or ``[K, T]`` weights ``u`` (one projection per row).
+
+    Returns
+    -------
+    numpy.ndarray
+        The weights ``v``, same shape as ``weights``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradsurgery._linalg import project_dual_cone
+    >>> project_dual_cone(np.array([[1.0, -1.0], [-1.0, 4.0]]), np.array([1.0, 0.0]))
+    array([1.  , 0.25])
+    """
+    scale = scale_of(gramian)
+    rows = np.atleast_2d(weights).astype(np.float64)
+    if scale == 0.0:
+        return rows.reshape(weights.shape).copy()
+    matrix = gramian / scale
+    projected = np.empty_like(rows)
+    for k, u in enumerate(rows):
+        projected[k] = u + nnls_gram(matrix, -(matrix @ u))
+    return projected.reshape(weights.shape)
+
+
+def as_task_vector(values: object, num_tasks: int, name: str) -> np.ndarray:
+    """``values`` (a sequence or 1-D tensor of ``num_tasks`` finite numbers) as float64."""
+    if isinstance(values, Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {tuple(values.shape)}")
+        array = values.detach().to("cpu").double().numpy()
+    else:
+        try:
+            array = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a sequence of numbers or a 1-D tensor") from None
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.shape[0] != num_tasks:
+        raise ValueError(f"{name} must have one entry per task ({num_tasks}), got {array.shape[0]}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or Inf")
+    return array
+
+
+def check_number(value: object, name: str, *, low: float = 0.0, open_low: bool = False) -> float:
+    """``value`` as a finite float ``>= low`` (``> low`` when ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value < low or (open_low and value == low):
+        relation = ">" if open_low else ">="
+        raise ValueError(f"{name} must be finite and {relation} {low}, got {value}")
+    return value
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an ``int >= 1``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def normalize_and_regularize(gramian: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
+    """torchjd's conditioning of a Gramian before its dual-cone projection.
+
+    ``G / trace(G) + reg_eps I``, with ``G`` taken as zero when ``trace(G) < norm_eps``. With
+    ``norm_eps = reg_eps = 0`` the Gramian is returned unchanged (the exact projection).
+    """
+    if norm_eps == 0.0 and reg_eps == 0.0:
+        return gramian
+    trace = float(gramian.trace())
+    normalized = np.zeros_like(gramian) if trace < norm_eps or trace == 0 else gramian / trace
+    return normalized + reg_eps * np.eye(gramian.shape[0])
+
+
+def preference_weights(pref_vector: object, num_tasks: int) -> np.ndarray:
+    """A preference vector as float64 weights: the mean weights ``1 / T`` when ``None``."""
+    if pref_vector is None:
+        return np.full(num_tasks, 1.0 / num_tasks)
+    return as_task_vector(pref_vector, num_tasks, "pref_vector")

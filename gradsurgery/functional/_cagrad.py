@@ -1,0 +1,217 @@
+"""CAGrad: the best worst-task improvement in a ball around the mean gradient."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._linalg import SolverError, as_gramian, check_number, min_norm_simplex, scale_of
+
+__all__ = ["cagrad_weights"]
+
+CAGRAD_RESCALES = (0, 1, 2)
+_MAX_ITER = 200
+
+
+def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tensor:
+    """CAGrad's task weights (Liu et al. 2021, *Conflict-Averse Gradient Descent for
+    Multi-task Learning*).
+
+    The update maximizes the worst task's improvement ``min_i g_i . d`` over the ball
+    ``||d - g_0|| <= c ||g_0||`` around the mean gradient ``g_0``. Its dual is
+    ``w = argmin_{w in simplex} g_w . g_0 + c ||g_0|| ||g_w||`` (``g_w = J^T w``), and
+    ``d = g_0 + (c ||g_0|| / ||g_w||) g_w``. gradsurgery solves the dual exactly: for a fixed
+    ``s > 0``, ``argmin_w g_w . g_0 + ||g_w||^2 / (2 s)`` is the minimum-norm point of the
+    shifted hull ``{g_i + s g_0}`` (an MGDA problem), and the right ``s`` is the root of the
+    monotone ``||g_{w(s)}|| = c ||g_0|| s``, found by safeguarded regula falsi.
+
+    Parameters
+    ----------
+    gramian : Tensor
+        ``[T, T]`` Gramian ``G = J J^T``.
+    c : float
+        Radius of the ball relative to ``||g_0||``, ``c >= 0`` (0.4 in the authors' NYUv2
+        runs). ``c = 0`` gives the mean.
+    rescale : {0, 1, 2}
+        The official code's final scaling of ``d``: ``0`` none (torchjd's convention),
+        ``1`` divided by ``1 + c^2`` (the official default), ``2`` divided by ``1 + c``.
+
+    Returns
+    -------
+    Tensor
+        ``[T]`` float64 weights ``1 / T + (c ||g_0|| / ||g_w||) w``, rescaled; the mean
+        weights (rescaled) when ``g_0 = 0`` or ``g_w = 0`` (no direction in the ball does better
+        than ``g_0``, as the official code's ``1e-8`` guards give).
+
+    Raises
+    ------
+    gradsurgery._linalg.SolverError
+        If the root finding does not converge in 200 iterations (not seen in tests).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import cagrad_weights
+    >>> G = torch.tensor([[1.0, -0.5], [-0.5, 4.0]], dtype=torch.float64)
+    >>> cagrad_weights(G, c=0.0)
+    tensor([0.5000, 0.5000], dtype=torch.float64)
+    >>> cagrad_weights(G, c=0.4, rescale=0)
+    tensor([0.9000, 0.5000], dtype=torch.float64)
+    """
+    G = as_gramian(gramian)
+    c = check_number(c, "c")
+    if rescale not in CAGRAD_RESCALES:
+        raise ValueError(f"rescale must be one of {CAGRAD_RESCALES}, got {rescale!r}")
+    num_tasks = G.shape[0]
+    mean = np.full(num_tasks, 1.0 / num_tasks)
+    scale = scale_of(G)
+    weights = mean
+    if c > 0 and scale > 0:
+        G = G / scale  # the weights do not change when G is scaled
+        weights = mean + _ball_step(G, mean, c)
+    divisor = (1.0, 1.0 + c * c, 1.0 + c)[rescale]
+    return torch.from_numpy(weights / divisor)
+
+
+def _ball_step(G: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:
+    """``(c ||g_0|| / ||g_w||) w`` for CAGrad's dual solution ``w`` (zero when undefined)."""
+    mean_gram = G @ mean  # g_i . g_0
+    g0_squared = float(mean @ mean_gram)
+    if g0_squared <= 1e-30:
+        return np.zeros_like(mean)
+    problem = _ShiftedHull(G, mean_gram, g0_squared, c * math.sqrt(g0_squared))
+    solution = problem.solve_by_supports()
+    if solution is None:
+        solution = problem.solve_by_bracketing()
+    w, norm = solution
+    return (problem.radius / norm) * w if norm > 0 else np.zeros_like(mean)
+
+
+class _ShiftedHull:
+    """The minimum-norm points ``w(s)`` of ``{g_i + s g_0}`` and the fixed point
+    ``||g_{w(s)}|| = radius * s`` that solves CAGrad's dual."""
+
+    def __init__(self, G: np.ndarray, mean_gram: np.ndarray, g0_squared: float, radius: float):
+        self.G, self.mean_gram, self.g0_squared, self.radius = G, mean_gram, g0_squared, radius
+        ones = np.ones_like(mean_gram)
+        self.cross = np.outer(mean_gram, ones) + np.outer(ones, mean_gram)
+
+    def shifted(self, s: float) -> np.ndarray:
+        """Gramian of ``g_i + s g_0``: ``G + s (G b 1^T + 1 b^T G) + s^2 ||g_0||^2 1 1^T``."""
+        return self.G + s * self.cross + s * s * self.g0_squared
+
+    def norm(self, w: np.ndarray) -> float:
+        return math.sqrt(max(float(w @ self.G @ w), 0.0))
+
+    def solve_by_supports(self) -> tuple[np.ndarray, float] | None:
+        """Exact solution by guessing the support of ``w``: on a fixed support, ``w(s)`` is
+        affine in ``s`` (``p + s q``, from the equality-constrained KKT system), so the fixed
+        point is a root of a quadratic. The guess is the support of ``w(s)`` at the current
+        ``s``; it is kept when the KKT conditions hold at the root. ``None`` when no guess
+        checks out within a few rounds (the caller then brackets the root)."""
+        num_tasks = self.G.shape[0]
+        s = 1.0 / self.radius  # ||g_w|| <= 1 at unit scale: the root is at or below this s
+        for _ in range(num_tasks + 2):
+            support = np.flatnonzero(min_norm_simplex(self.shifted(s)) > 0)
+            affine = self._affine_on(support)
+            if affine is None:
+                return None
+            p, q = affine
+            root = self._fixed_point(p, q)
+            if root is None:
+                return None
+            w = p + root * q
+            if self._is_optimal(w, root):
+                return np.maximum(w, 0.0), self.norm(w)
+            s = root
+        return None
+
+    def _affine_on(self, support: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``p, q`` with ``w(s) = p + s q`` the minimizer on the face ``support``."""
+        size = support.size
+        kkt = np.zeros((size + 1, size + 1))
+        kkt[:size, :size] = self.G[np.ix_(support, support)]
+        kkt[:size, size] = kkt[size, :size] = 1.0
+        rhs = np.zeros((size + 1, 2))
+        rhs[size, 0] = 1.0  # p: sum of weights is 1
+        rhs[:size, 1] = -self.mean_gram[support]  # q: the shift's linear term
+        solution = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+        if not np.isfinite(solution).all():
+            return None
+        p, q = np.zeros(self.G.shape[0]), np.zeros(self.G.shape[0])
+        p[support], q[support] = solution[:size, 0], solution[:size, 1]
+        return p, q
+
+    def _fixed_point(self, p: np.ndarray, q: np.ndarray) -> float | None:
+        """The positive root of ``||J^T (p + s q)||^2 = radius^2 s^2``, if exactly one."""
+        Gp, Gq = self.G @ p, self.G @ q
+        a = float(q @ Gq) - self.radius**2
+        b = 2.0 * float(p @ Gq)
+        c = float(p @ Gp)
+        if abs(a) < 1e-14:
+            return -c / b if b < 0 else None
+        discriminant = b * b - 4.0 * a * c
+        if discriminant < 0:
+            return None
+        roots = [(-b + sign * math.sqrt(discriminant)) / (2.0 * a) for sign in (1.0, -1.0)]
+        positive = [root for root in roots if root > 0]
+        return positive[0] if len(positive) == 1 else None
+
+    def _is_optimal(self, w: np.ndarray, s: float) -> bool:
+        """KKT of the minimum-norm problem on ``{g_i + s g_0}`` at ``w``, to rounding."""
+        shifted = self.shifted(s)
+        tolerance = 1e-10 * max(1.0, float(np.abs(shifted).max()))
+        if (w < -tolerance).any():
+            return False
+        products = shifted @ w
+        return bool((products >= float(w @ products) - tolerance).all())
+
+    def solve_by_bracketing(self) -> tuple[np.ndarray, float]:
+        """The fixed point by regula falsi on ``log s``: slower, but always converges, since
+        ``||g_{w(s)}|| / s`` is nonincreasing (the dual is jointly convex in ``w`` and
+        ``||g_w||``)."""
+
+        def excess(s: float) -> tuple[float, np.ndarray, float]:
+            w = min_norm_simplex(self.shifted(s))
+            norm = self.norm(w)
+            return (math.log(norm / (self.radius * s)) if norm > 0 else -math.inf), w, norm
+
+        high = 1.0 / self.radius
+        f_high, w, norm = excess(high)
+        if f_high == 0.0:
+            return w, norm
+        low, f_low = high, f_high
+        for _ in range(60):  # bracket the root from below
+            low /= 10.0
+            f_low, w, norm = excess(low)
+            if f_low >= 0:
+                break
+        else:  # ||g_w(s)|| / s -> 0 as s -> 0: the hull holds 0 and g_w = 0 is optimal
+            return np.zeros_like(w), 0.0
+        if f_low == 0.0:
+            return w, norm
+        # Illinois regula falsi: superlinear, and the bracket always holds the root.
+        x_low, x_high = math.log(low), math.log(high)
+        side = 0
+        for _ in range(_MAX_ITER):
+            if math.isinf(f_high):
+                x = 0.5 * (x_low + x_high)
+            else:
+                x = x_high - f_high * (x_high - x_low) / (f_high - f_low)
+            f, w, norm = excess(math.exp(x))
+            if f == 0.0 or x_high - x_low < 1e-13 or abs(f) < 1e-14:
+                return w, norm
+            if f > 0:
+                x_low, f_low = x, f
+                if side == -1:
+                    f_high /= 2.0
+                side = -1
+            else:
+                x_high, f_high = x, f
+                if side == 1:
+                    f_low /= 2.0
+                side = 1
+        raise SolverError(f"CAGrad's dual did not converge in {_MAX_ITER} iterations")

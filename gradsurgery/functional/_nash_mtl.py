@@ -1,0 +1,128 @@
+"""Nash-MTL: the Nash bargaining solution of the tasks, ``G a = 1 / a``."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._linalg import as_gramian, as_task_vector, check_number, check_positive_int
+
+__all__ = ["nash_mtl_weights"]
+
+# Newton's decrement squared below which the bargaining equations hold to rounding.
+_DECREMENT_TOLERANCE = 1e-20
+
+
+class NashSolution(NamedTuple):
+    """The bargaining weights before clipping, and how the solver ended."""
+
+    weights: np.ndarray
+    converged: bool
+    iterations: int
+
+
+def nash_mtl_weights(
+    gramian: Tensor,
+    *,
+    max_norm: float = 1.0,
+    optim_niter: int = 20,
+    warm_start: Tensor | None = None,
+) -> Tensor:
+    """Nash-MTL's task weights (Navon et al. 2022, *Multi-Task Learning as a Bargaining Game*).
+
+    The weights ``a > 0`` solve the bargaining equations ``G a = 1 / a`` (elementwise): every
+    task gets the same "utility" ``a_i (g_i . d) = 1`` from ``d = J^T a``. They are the unique
+    minimizer of the strictly convex ``a^T G a / 2 - sum_i log a_i``, found by damped Newton
+    steps (the function is self-concordant: the damped steps stay feasible and the convergence
+    is quadratic near the solution), on the Gramian normalized by its Frobenius norm as in the
+    authors' code. Then, as the authors clip the shared gradient, the weights are scaled so
+    that ``||J^T a|| <= max_norm``.
+
+    Tasks whose gradient is zero can gain nothing: they get weight 0 and the others bargain.
+    When no solution exists (a non-negative combination of the gradients is zero, e.g. an
+    exactly opposed pair), Newton's iterates grow without bound and the last one is returned,
+    as the authors' code returns its last iterate.
+
+    Parameters
+    ----------
+    gramian : Tensor
+        ``[T, T]`` Gramian ``G = J J^T``.
+    max_norm : float
+        Largest norm of the update ``J^T a``; ``0`` disables the clipping (authors: 1.0).
+    optim_niter : int
+        Most Newton iterations (the authors' ``optim_niter`` bounds their convex-concave
+        iterations; default 20 as theirs).
+    warm_start : Tensor, optional
+        ``[T]`` positive weights to start from, e.g. the previous step's (before clipping).
+
+    Returns
+    -------
+    Tensor
+        ``[T]`` float64 weights.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import nash_mtl_weights
+    >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    >>> a = nash_mtl_weights(G, max_norm=0.0)
+    >>> a
+    tensor([1.0000, 0.5000], dtype=torch.float64)
+    >>> a * (G @ a)  # G a = 1 / a
+    tensor([1., 1.], dtype=torch.float64)
+    """
+    G = as_gramian(gramian)
+    max_norm = check_number(max_norm, "max_norm")
+    optim_niter = check_positive_int(optim_niter, "optim_niter")
+    start = None
+    if warm_start is not None:
+        start = as_task_vector(warm_start, G.shape[0], "warm_start")
+    solution = solve_bargaining(G, optim_niter, start)
+    return torch.from_numpy(clip_weights(G, solution.weights, max_norm))
+
+
+def solve_bargaining(G: np.ndarray, max_iter: int, start: np.ndarray | None) -> NashSolution:
+    """``a > 0`` with ``G a = 1 / a`` on the tasks with a nonzero gradient (0 elsewhere)."""
+    num_tasks = G.shape[0]
+    weights = np.zeros(num_tasks)
+    active = np.flatnonzero(G.diagonal() > 0)
+    if active.size == 0:
+        return NashSolution(weights, True, 0)
+    sub = G[np.ix_(active, active)]
+    frobenius = float(np.linalg.norm(sub))
+    normalized = sub / frobenius  # the authors' normalization: conditioning only
+    if start is not None and (start[active] > 0).all():
+        alpha = start[active] * math.sqrt(frobenius)
+    else:  # a_i = 1 / ||g_i|| solves the equations without the cross terms; then the best
+        # multiple of it (the minimizer along that ray)
+        alpha = 1.0 / np.sqrt(normalized.diagonal())
+        curvature = float(alpha @ normalized @ alpha)
+        alpha *= math.sqrt(active.size / curvature) if curvature > 0 else 1.0
+    converged, iterations = False, 0
+    while iterations < max_iter:
+        iterations += 1
+        gradient = normalized @ alpha - 1.0 / alpha
+        hessian = normalized + np.diag(1.0 / alpha**2)
+        step = np.linalg.solve(hessian, gradient)
+        decrement_squared = float(gradient @ step)
+        if decrement_squared < _DECREMENT_TOLERANCE:
+            converged = True
+            break
+        decrement = math.sqrt(max(decrement_squared, 0.0))
+        alpha = alpha - (step if decrement < 0.25 else step / (1.0 + decrement))
+    # a solves G_n a_n = 1 / a_n for G_n = G / f; then a = a_n / sqrt(f) solves G a = 1 / a.
+    weights[active] = alpha / math.sqrt(frobenius)
+    return NashSolution(weights, converged, iterations)
+
+
+def clip_weights(G: np.ndarray, weights: np.ndarray, max_norm: float) -> np.ndarray:
+    """``weights`` scaled so that ``||J^T weights|| <= max_norm`` (unchanged for 0)."""
+    if max_norm > 0:
+        norm = math.sqrt(max(float(weights @ G @ weights), 0.0))
+        if norm > max_norm:
+            return weights * (max_norm / norm)
+    return weights

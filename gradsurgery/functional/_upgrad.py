@@ -1,0 +1,70 @@
+"""UPGrad: every task gradient projected onto the dual cone of all of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._linalg import (
+    as_gramian,
+    check_number,
+    normalize_and_regularize,
+    preference_weights,
+    project_dual_cone,
+)
+
+__all__ = ["upgrad_weights"]
+
+
+def upgrad_weights(
+    gramian: Tensor,
+    pref_vector: Tensor | None = None,
+    *,
+    norm_eps: float = 0.0,
+    reg_eps: float = 0.0,
+) -> Tensor:
+    """UPGrad's task weights (Quinton and Rey 2024, *Jacobian Descent for Multi-Objective
+    Optimization*).
+
+    Each task gradient, scaled by its preference ``p_i``, is projected onto the dual cone
+    ``{x : J x >= 0}`` of all task gradients, and the projections are summed:
+    ``d = sum_i pi_J(p_i g_i) = J^T w``. The result conflicts with no task (``J d >= 0``).
+    Each projection is the quadratic program ``v = argmin_{v >= p_i e_i} v^T G v``
+    (Proposition 1 of the paper), solved exactly by an active-set method.
+
+    Parameters
+    ----------
+    gramian : Tensor
+        ``[T, T]`` Gramian ``G = J J^T``.
+    pref_vector : Tensor, optional
+        ``[T]`` preferences ``p``; the mean, ``1 / T``, when ``None``.
+    norm_eps, reg_eps : float
+        torchjd's conditioning of ``G`` before the projection: ``G / trace(G) + reg_eps I``,
+        with ``G`` taken as zero when its trace is below ``norm_eps``. The default ``0, 0`` is
+        the exact projection of the paper; torchjd's defaults are ``1e-4, 1e-4``.
+
+    Returns
+    -------
+    Tensor
+        ``[T]`` float64 weights ``w``; the update is ``J^T w``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import upgrad_weights
+    >>> G = torch.tensor([[1.0, -1.0], [-1.0, 4.0]], dtype=torch.float64)  # conflicting gradients
+    >>> w = upgrad_weights(G)
+    >>> w
+    tensor([1.0000, 0.6250], dtype=torch.float64)
+    >>> G @ w  # J (J^T w): no task is hurt
+    tensor([0.3750, 1.5000], dtype=torch.float64)
+    """
+    G = as_gramian(gramian)
+    num_tasks = G.shape[0]
+    preferences = preference_weights(pref_vector, num_tasks)
+    G = normalize_and_regularize(
+        G, check_number(norm_eps, "norm_eps"), check_number(reg_eps, "reg_eps")
+    )
+    projections = project_dual_cone(G, np.diag(preferences))
+    return torch.from_numpy(projections.sum(axis=0))
