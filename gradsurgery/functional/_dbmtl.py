@@ -26,15 +26,18 @@ def dbmtl_weights(
     """DB-MTL's weights on the task gradients, and the updated average of the log-gradient norms.
 
     Loss balancing: task ``i`` descends ``log(L_i + eps)``, whose gradient is
-    ``g_i / (L_i + eps)``; its norm is ``n_i = ||g_i|| / (L_i + eps)``. Gradient balancing: the
-    norms are averaged, ``m_i <- n_i + beta_t (m_i - n_i)`` with ``beta_t = beta / step^beta_sigma``
-    (from ``m = 0`` at step 1, as the authors' code), and every log-gradient is rescaled to the
-    largest average norm: ``alpha_i = max_j m_j / (m_i + eps)``. The update is
-    ``sum_i alpha_i g_i / (L_i + eps)``, so the weights are ``w_i = alpha_i / (L_i + eps)``.
+    ``g_i / (L_i + eps)``, of norm ``n_i = ||g_i|| / (L_i + eps)``. Gradient balancing: the norms
+    are averaged, ``m_i <- n_i + beta_t (m_i - n_i)`` with ``beta_t = beta / step^beta_sigma``
+    (from ``m = 0`` at step 1, as the authors' code), and every task's gradient is rescaled to
+    the largest average norm ``M = max_j m_j``: the update is
+    ``sum_i M m_i / (m_i + eps) g_i / ||g_i||``, so ``w_i = M m_i / ((m_i + eps) ||g_i||)``
+    (``0`` for a zero gradient).
 
-    The authors' code averages the log-gradient *vectors* and combines the averaged vectors;
-    this function averages their norms and combines the current gradients, which needs ``T``
-    norms instead of a ``[T, P]`` buffer.
+    The authors' code averages the log-gradient *vectors* ``b_i`` and combines them as
+    ``sum_i M b_i / (||b_i|| + eps)``; this function averages their norms and combines the
+    current gradients, which needs ``T`` norms instead of a ``[T, P]`` buffer. The two are the
+    same update whenever no task's gradient changes direction from step to step (the average
+    of parallel vectors has the average norm), in particular at every step with ``beta = 0``.
 
     Parameters
     ----------
@@ -61,7 +64,7 @@ def dbmtl_weights(
     Examples
     --------
     >>> from gradsurgery.functional import dbmtl_weights
-    >>> weights, average = dbmtl_weights([1.0, 2.0], [4.0, 1.0], beta=0.0)
+    >>> weights, average = dbmtl_weights([1.0, 2.0], [4.0, 1.0], beta=0.0)  # no averaging
     >>> weights
     tensor([1.0000, 4.0000], dtype=torch.float64)
     >>> average
@@ -101,9 +104,11 @@ def _dbmtl_weights(
     beta_sigma: float,
 ) -> tuple[list[float], list[float]]:
     decay = beta / step**beta_sigma
-    scales = [1.0 / (loss + EPSILON) for loss in losses]
-    log_norms = [n * s for n, s in zip(grad_norms, scales, strict=True)]
+    log_norms = [n / (loss + EPSILON) for n, loss in zip(grad_norms, losses, strict=True)]
     average = [n + decay * (m - n) for n, m in zip(log_norms, norm_average, strict=True)]
     largest = max(average)
-    weights = [largest / (m + EPSILON) * s for m, s in zip(average, scales, strict=True)]
+    weights = [
+        largest * m / ((m + EPSILON) * n) if n > 0 else 0.0
+        for m, n in zip(average, grad_norms, strict=True)
+    ]
     return weights, average
