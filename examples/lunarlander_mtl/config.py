@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,68 @@ class Config:
     progress: bool = True
     """Show a tqdm progress bar."""
 
+    def problems(self) -> list[str]:
+        """Every value that cannot work, each with the way out; empty when all is well.
+
+        Checked before any run starts, so a typo fails at once instead of hours later.
+        """
+        out = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                out.append(message)
+
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            need(value in choices, f"--{_flag(name)} {value!r}: expected one of {choices}")
+        need(
+            self.config_name in CONFIGS,
+            f"configuration {self.config_name!r} is unknown; known: {', '.join(CONFIGS)}",
+        )
+        need(
+            0 <= self.seed < 2**32,
+            f"--seed {self.seed}: seeds are integers from 0 to 2**32 - 1",
+        )
+        for name in POSITIVE_INTS:
+            value = getattr(self, name)
+            need(value >= 1, f"--{_flag(name)} {value}: must be at least 1")
+        for name in ("max_episode_steps", "task_embedding_dim", "eval_seed"):
+            value = getattr(self, name)
+            need(value >= 0, f"--{_flag(name)} {value}: must be 0 or more")
+        need(self.num_atoms >= 2, f"--num-atoms {self.num_atoms}: must be at least 2")
+        for name, low, high, low_open, high_open in FLOAT_RANGES:
+            value = getattr(self, name)
+            above = value > low if low_open else value >= low
+            below = value < high if high_open else value <= high
+            if not (math.isfinite(value) and above and below):
+                interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                out.append(f"--{_flag(name)} {value}: must be a finite number in {interval}")
+        need(
+            math.isfinite(self.v_min) and math.isfinite(self.v_max) and self.v_min < self.v_max,
+            f"--v-min {self.v_min} / --v-max {self.v_max}: need finite v_min < v_max",
+        )
+        need(
+            self.epsilon_min <= self.epsilon_start,
+            f"--epsilon-min {self.epsilon_min} is above --epsilon-start {self.epsilon_start}",
+        )
+        per_task = self.buffer_size // NUM_TASKS_IN_STUDY
+        need(
+            self.min_replay_size <= per_task,
+            f"--min-replay-size {self.min_replay_size} is more than one task's share of the "
+            f"buffer ({self.buffer_size} // {NUM_TASKS_IN_STUDY} = {per_task}): learning would "
+            "never start; raise --buffer-size or lower --min-replay-size",
+        )
+        return out
+
+    def validate(self) -> None:
+        """Raise `ValueError` listing every problem of `problems()`."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(
+                f"invalid configuration {self.config_name!r} (seed {self.seed}):\n  "
+                + "\n  ".join(problems)
+            )
+
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.config_name / f"seed-{self.seed}"
@@ -139,6 +202,49 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+NUM_TASKS_IN_STUDY = 3  # standard, windy, heavy (envs.py; not imported: no gym at parse time)
+
+# The values each string field accepts.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "network": ("blind", "aware", "brc"),
+    "method": ("mean", "pcgrad", "gradnorm"),
+    "pcgrad_reduction": ("mean", "sum"),
+    "engine": ("partition", "autograd"),
+    "optimizer": ("adam", "adamw"),
+    "loss": ("mse", "huber"),
+    "target_update": ("episodes", "updates", "soft"),
+}
+# Counts that must be at least 1.
+POSITIVE_INTS = (
+    "batch_size",
+    "update_every",
+    "target_update_every",
+    "buffer_size",
+    "min_replay_size",
+    "episodes_per_task",
+    "eval_every",
+    "eval_episodes",
+    "final_eval_episodes",
+    "checkpoint_every",
+)
+# (field, low, high, low excluded, high excluded): finite and inside the interval.
+FLOAT_RANGES = (
+    ("lr", 0.0, math.inf, True, True),
+    ("weight_decay", 0.0, math.inf, False, True),
+    ("max_grad_norm", 0.0, math.inf, False, True),
+    ("gamma", 0.0, 1.0, False, False),
+    ("gradnorm_alpha", 0.0, math.inf, False, True),
+    ("gradnorm_lr", 0.0, math.inf, True, True),
+    ("target_tau", 0.0, 1.0, True, False),
+    ("epsilon_start", 0.0, 1.0, False, False),
+    ("epsilon_decay", 0.0, 1.0, True, False),
+    ("epsilon_min", 0.0, 1.0, False, False),
+)
 
 # Fields that do not change what is computed: a resumed run may differ in these.
 BOOKKEEPING_FIELDS = ("runs_dir", "tensorboard", "progress")

@@ -9,6 +9,8 @@ training environments, the replay buffer or any training RNG.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -50,11 +52,17 @@ def evaluate(
     eval_seed: int,
     episodes_per_task: int,
     phase: str,
+    check_stop: Callable[[], None] | None = None,
 ) -> list[dict]:
-    """One row per (task, episode) in the format of eval.csv."""
+    """One row per (task, episode) in the format of eval.csv.
+
+    `check_stop` is called before every episode (it raises to stop the evaluation).
+    """
     rows = []
     for task_id, (env, name) in enumerate(zip(envs, task_names, strict=True)):
         for i in range(num_episodes):
+            if check_stop is not None:
+                check_stop()
             ret, length = run_greedy_episode(q_net, env, task_id, eval_seed + i)
             rows.append(
                 {

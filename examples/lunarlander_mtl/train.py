@@ -15,23 +15,24 @@ loss per task and hands the three losses to the method under study.
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import random
-import shutil
+import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from config import (
-    BOOKKEEPING_FIELDS,
     CONFIGS,
     QUICK_OVERRIDES,
     STUDY_CONFIGS,
@@ -46,6 +47,17 @@ from evaluate import EVAL_COLUMNS, evaluate, summarize
 from methods import SIGNAL_COLUMNS, empty_signals, make_method, signals
 from networks import categorical_projection, make_network
 from replay import Batch, PerTaskReplayBuffer
+from runfiles import (
+    CsvLog,
+    RunError,
+    RunLock,
+    RunPlan,
+    check_log,
+    plan_run,
+    prepare_folder,
+    save_atomic,
+)
+from stopping import EXIT_CODES, StopFlag, Stopped, on_stop_signals, watch_in_worker
 from tqdm import tqdm
 
 try:
@@ -150,16 +162,52 @@ def update_target(target_net, q_net, cfg: Config, event: str, count: int) -> Non
         target_net.load_state_dict(q_net.state_dict())
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: int = 0) -> dict:
-    """Train one run; returns its summary (final evaluation, last-100 training means)."""
+LOG_COLUMNS = {"episodes.csv": EPISODE_COLUMNS, "eval.csv": EVAL_COLUMNS}
+
+
+def train(
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    position: int = 0,
+    stop: StopFlag | None = None,
+) -> dict:
+    """Train one run; returns its summary (final evaluation, last-100 training means).
+
+    `resume` continues from the run's checkpoint (a finished run is returned as it is);
+    `overwrite` deletes what the run folder holds and starts again. Without either, an
+    existing run is refused. The folder is locked while the run writes it. When `stop` is
+    set, the run raises `Stopped` at the next environment step or evaluation episode.
+    """
+    cfg.validate()
+    if cfg.tensorboard and SummaryWriter is None:
+        cfg = dataclasses.replace(cfg, tensorboard=False)  # config.json says what is true
+    with RunLock(cfg.run_dir):
+        plan = plan_run(cfg, resume, overwrite, LOG_COLUMNS, check_lock=False)
+        prepare_folder(plan)
+        try:
+            with contextlib.ExitStack() as resources:
+                stop = stop if stop is not None else StopFlag()
+                return _train(cfg, plan, position, stop, resources)
+        finally:  # a run stopped while saving leaves no temporary file behind
+            (cfg.run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)
+
+
+def _train(
+    cfg: Config,
+    plan: RunPlan,
+    position: int,
+    stop: StopFlag,
+    resources: contextlib.ExitStack,
+) -> dict:
+    """The run itself; `resources` closes its environments, writer and bar however it ends."""
     torch.set_num_threads(1)  # small networks: threads cost more than they give
     run_dir = cfg.run_dir
     ckpt_path = run_dir / "checkpoint.pt"
-    resuming = resume and ckpt_path.exists()
-    if resuming:
-        check_same_config(cfg, Config.from_json(run_dir / "config.json"))
-    else:
-        start_fresh(run_dir, overwrite=overwrite or resume)
+    if plan.action == "keep":
+        return json.loads((run_dir / "summary.json").read_text())
+    resuming = plan.action == "continue"
+    if not resuming:
         (run_dir / "config.json").write_text(cfg.to_json())
 
     # --- everything random is seeded from cfg.seed and saved in every checkpoint ---------
@@ -176,6 +224,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
     method = make_method(cfg, q_net)
     train_envs = [make_env(t, cfg.max_episode_steps) for t in range(NUM_TASKS)]
     eval_envs = [make_env(t, cfg.max_episode_steps) for t in range(NUM_TASKS)]
+    for env in train_envs + eval_envs:
+        resources.callback(env.close)
     task_ids = torch.arange(NUM_TASKS).repeat_interleave(cfg.batch_size)  # [t]*64 per task
     single_task_id = [torch.tensor([t]) for t in range(NUM_TASKS)]  # for acting
 
@@ -191,7 +241,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
         finished=False,
     )
     if resuming:
-        ckpt = torch.load(ckpt_path, weights_only=False)  # our own file: trusted
+        ckpt = plan.checkpoint
+        plan.checkpoint = None  # the plan's copy is not needed any longer
         q_net.load_state_dict(ckpt["q_net"])
         target_net.load_state_dict(ckpt["target_net"])
         method.load_state_dict(ckpt["method"])
@@ -200,13 +251,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
         torch.set_rng_state(ckpt["torch_rng"])
         random.setstate(ckpt["python_rng"])
         state = ckpt["state"]
+        del ckpt
         # Rows written after the checkpoint belong to work that is about to be redone.
-        truncate_csv(run_dir / "episodes.csv", state["episode_rows"])
-        truncate_csv(run_dir / "eval.csv", state["eval_rows"])
-        if state["finished"]:
-            return json.loads((run_dir / "summary.json").read_text())
+        check_log(run_dir / "episodes.csv", EPISODE_COLUMNS, state["episode_rows"], repair=True)
+        check_log(run_dir / "eval.csv", EVAL_COLUMNS, state["eval_rows"], repair=True)
     recent = [deque(r, maxlen=100) for r in state["recent_returns"]]
     session_start, session_steps, wall_before = time.perf_counter(), 0, state["wall_time"]
+
+    total_episodes = cfg.episodes_per_task * NUM_TASKS
+    saved = {"episodes": state["episode"]}  # what the last checkpoint covers
+
+    def stop_here() -> None:
+        """A safe point: everything after the last checkpoint is redone on resume."""
+        if stop:
+            raise Stopped(cfg.config_name, cfg.seed, saved["episodes"], total_episodes)
 
     def checkpoint() -> None:
         state["recent_returns"] = [list(r) for r in recent]
@@ -224,13 +282,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
             ),
             ckpt_path,
         )
+        saved["episodes"] = state["episode"]
 
     episodes_log = CsvLog(run_dir / "episodes.csv", EPISODE_COLUMNS)
     eval_log = CsvLog(run_dir / "eval.csv", EVAL_COLUMNS)
     writer = None
     if cfg.tensorboard and SummaryWriter is not None:
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state["episode"])
-    total_episodes = cfg.episodes_per_task * NUM_TASKS
+        resources.callback(writer.close)
 
     def run_evaluation(num_episodes: int, episodes_per_task: int, phase: str) -> list[dict]:
         rows = evaluate(
@@ -241,6 +300,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
             eval_seed=cfg.eval_seed,
             episodes_per_task=episodes_per_task,
             phase=phase,
+            check_stop=stop_here,
         )
         eval_log.write(rows)
         state["eval_rows"] += len(rows)
@@ -258,6 +318,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
+    resources.callback(bar.close)
     for episode in range(state["episode"], total_episodes):
         task = episode % NUM_TASKS  # round robin: standard, windy, heavy, standard, ...
         env = train_envs[task]
@@ -267,6 +328,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
         loss_sums, ep_updates, signal_sums = np.zeros(NUM_TASKS), 0, {}
 
         while not done:
+            stop_here()
             # --- act: epsilon-greedy on the current task -------------------------------
             if rng.random() < epsilon:
                 action = int(rng.integers(NUM_ACTIONS))
@@ -379,71 +441,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, position: 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     state["finished"] = True  # only once summary.json exists: a resume may return it
     checkpoint()
-    if writer is not None:
-        writer.close()
-    for env in train_envs + eval_envs:
-        env.close()
     return summary
-
-
-# --- files ------------------------------------------------------------------------------
-
-
-class CsvLog:
-    """Append rows to a CSV file, flushed at once (a kill must not lose written rows)."""
-
-    def __init__(self, path: Path, columns: list[str]):
-        self.path, self.columns = path, columns
-        if not path.exists():
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(columns)
-
-    def write(self, rows: list[dict]) -> None:
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            for row in rows:
-                writer.writerow(
-                    {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-                )
-
-
-def truncate_csv(path: Path, num_rows: int) -> None:
-    """Keep the header and the first `num_rows` rows."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines[: num_rows + 1]))
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: a kill leaves the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def start_fresh(run_dir: Path, overwrite: bool) -> None:
-    if (run_dir / "checkpoint.pt").exists() and not overwrite:
-        raise SystemExit(
-            f"{run_dir} already holds a run: pass --resume to continue it "
-            "or --overwrite to start again"
-        )
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-
-
-def check_same_config(cfg: Config, saved: Config) -> None:
-    new, old = json.loads(cfg.to_json()), json.loads(saved.to_json())
-    diff = {
-        k: (old.get(k), v)
-        for k, v in new.items()
-        if k not in BOOKKEEPING_FIELDS and old.get(k) != v
-    }
-    if diff:
-        raise SystemExit(f"--resume with a different config than the saved one: {diff}")
 
 
 def log_tensorboard(writer, row: dict, episode: int) -> None:
@@ -454,42 +452,142 @@ def log_tensorboard(writer, row: dict, episode: int) -> None:
             writer.add_scalar(f"train/{key}", row[key], episode)
 
 
-# --- command line and the parallel study ------------------------------------------------
+# --- the parallel study ----------------------------------------------------------------
 
 _worker_position = 0
+_worker_stop = StopFlag()
 
 
-def _init_worker(positions) -> None:
+def _init_worker(positions, stop_event, parent_pid: int) -> None:
     global _worker_position
     _worker_position = positions.get()  # a fixed progress-bar line per worker process
+    watch_in_worker(_worker_stop, stop_event, parent_pid)
 
 
-def _train_in_worker(cfg: Config, resume: bool, overwrite: bool) -> dict:
-    return train(cfg, resume=resume, overwrite=overwrite, position=_worker_position)
+def _train_in_worker(cfg: Config, resume: bool, overwrite: bool) -> dict | None:
+    if _worker_stop:  # queued before the stop: leave it untouched
+        return None
+    return train(cfg, resume, overwrite, position=_worker_position, stop=_worker_stop)
 
 
-def run_many(configs: list[Config], workers: int, resume: bool, overwrite: bool) -> list[dict]:
-    """Run in parallel processes, one per core; each process trains one run at a time."""
+@dataclasses.dataclass
+class StudyOutcome:
+    """What became of every planned run, for the closing report."""
+
+    finished: list[tuple[Config, dict]] = dataclasses.field(default_factory=list)
+    stopped: list[str] = dataclasses.field(default_factory=list)  # at their last checkpoint
+    not_started: list[Config] = dataclasses.field(default_factory=list)
+    failed: list[tuple[Config, str]] = dataclasses.field(default_factory=list)
+    stop_reason: str | None = None
+
+    def report(self, resume_command: str) -> str:
+        lines = []
+        if self.stop_reason:
+            lines.append(f"Stopped by {self.stop_reason}.")
+        lines.append(f"  finished: {len(self.finished)} runs")
+        lines += [f"  {text}" for text in self.stopped]
+        if self.not_started:
+            lines.append(f"  not started: {len(self.not_started)} runs")
+        for cfg, message in self.failed:
+            lines.append(f"  FAILED {cfg.config_name} seed {cfg.seed}: {message}")
+        if self.stopped or self.not_started or self.failed:
+            lines.append(f"Continue with: {resume_command}")
+        return "\n".join(lines)
+
+
+def run_many(
+    configs: list[Config], workers: int, resume: bool, overwrite: bool, progress: bool = True
+) -> StudyOutcome:
+    """Run in parallel processes; each process trains one run at a time.
+
+    The first Ctrl-C or SIGTERM asks every running run to stop at its next safe point and
+    starts no other; a second one kills the workers (their last checkpoints stay).
+    """
     workers = max(1, min(workers, len(configs)))
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
-    positions = context.Queue()
+    positions, stop_event = context.Queue(), context.Event()
     for i in range(workers):
         positions.put(i + 1)
-    summaries = []
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(positions,)
-    ) as pool:
-        futures = {pool.submit(_train_in_worker, cfg, resume, overwrite): cfg for cfg in configs}
-        with tqdm(total=len(configs), desc="runs", position=0, dynamic_ncols=True) as bar:
-            for future in as_completed(futures):
-                summaries.append(future.result())
-                cfg = futures[future]
-                bar.write(
-                    f"done {cfg.config_name} seed {cfg.seed}: 3-task final return "
-                    f"{summaries[-1]['final_return_avg']:.1f}"
-                )
+    outcome, stop = StudyOutcome(), StopFlag()
+
+    def first(name: str) -> None:
+        stop.set(name)
+        stop_event.set()
+        print(
+            f"\n{name}: stopping; the running runs stop at their next environment step and "
+            "keep their last checkpoint (press Ctrl-C again to kill them at once)",
+            file=sys.stderr,
+        )
+
+    def again(name: str) -> None:
+        print(f"\n{name}: killing the workers; each run keeps its last checkpoint", file=sys.stderr)
+        for child in multiprocessing.active_children():
+            child.kill()
+
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(positions, stop_event, os.getpid()),
+    )
+    with on_stop_signals(first, again), pool:
+        pending = {pool.submit(_train_in_worker, cfg, resume, overwrite): cfg for cfg in configs}
+        bar = tqdm(
+            total=len(configs), desc="runs", position=0, dynamic_ncols=True, disable=not progress
+        )
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            if stop:
+                for future in pending:
+                    future.cancel()  # not started yet: stays so
+            for future in done:
+                cfg = pending.pop(future)
+                error = None if future.cancelled() else future.exception()
+                if future.cancelled() or (error is None and future.result() is None):
+                    outcome.not_started.append(cfg)
+                elif isinstance(error, Stopped):
+                    outcome.stopped.append(str(error))
+                elif isinstance(error, BrokenProcessPool):
+                    outcome.stopped.append(f"{cfg.config_name} seed {cfg.seed}: killed")
+                elif error is not None:
+                    outcome.failed.append((cfg, f"{type(error).__name__}: {error}"))
+                    bar.write(f"FAILED {cfg.config_name} seed {cfg.seed}: {error}")
+                else:
+                    outcome.finished.append((cfg, future.result()))
+                    bar.write(
+                        f"done {cfg.config_name} seed {cfg.seed}: 3-task final return "
+                        f"{future.result()['final_return_avg']:.1f}"
+                    )
                 bar.update(1)
-    return summaries
+        bar.close()
+    outcome.stop_reason = stop.reason
+    return outcome
+
+
+def run_one(cfg: Config, resume: bool, overwrite: bool) -> StudyOutcome:
+    """One run in this process, with the same stop rules as the study."""
+    outcome, stop = StudyOutcome(), StopFlag()
+
+    def first(name: str) -> None:
+        stop.set(name)
+        print(
+            f"\n{name}: stopping at the next environment step (press Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def again(name: str) -> None:
+        raise SystemExit(f"{name}: stopped at once; the run keeps its last checkpoint")
+
+    with on_stop_signals(first, again):
+        try:
+            outcome.finished.append((cfg, train(cfg, resume, overwrite, stop=stop)))
+        except Stopped as stopped:
+            outcome.stopped.append(str(stopped))
+    outcome.stop_reason = stop.reason
+    return outcome
+
+
+# --- command line ---------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -499,16 +597,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config",
         nargs="+",
-        choices=list(CONFIGS),
+        metavar="NAME",
         default=None,
-        help="configuration(s) to run (default: the seven of the study)",
+        help=f"configuration(s) to run (default: the seven of the study); one of: "
+        f"{', '.join(CONFIGS)}",
     )
     parser.add_argument(
         "--seed",
         nargs="+",
         type=int,
+        metavar="N",
         default=None,
-        help="seed(s) to run (default: 0 1 2 3 4; --quick: 0)",
+        help="seed(s) to run, integers from 0 (default: 0 1 2 3 4; --quick: 0)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: tiny settings, every configuration, seed 0"
@@ -516,16 +616,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue runs from their last checkpoint (finished runs are kept)",
+        help="continue runs from their last checkpoint (finished runs are kept, new ones start)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="start again even where a run already exists"
+        "--overwrite",
+        action="store_true",
+        help="delete what a run folder holds and start again (with --resume: only where there "
+        "is no checkpoint to continue from)",
     )
     parser.add_argument(
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="parallel processes for several runs (default: one per core)",
+        metavar="N",
+        help="parallel processes for several runs, at least 1 (default: one per core)",
     )
     parser.add_argument(
         "--no-report",
@@ -533,10 +637,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not write results.md and plots after several runs",
     )
     add_config_arguments(parser, skip=("config_name", "seed"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.config or () if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: at least 1 process is needed")
+    return args
+
+
+def resume_command(argv: list[str]) -> str:
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return " ".join(["python", Path(sys.argv[0]).name or "train.py", *kept, "--resume"])
+
+
+def plan_study(configs: list[Config], resume: bool, overwrite: bool) -> list[RunPlan]:
+    """Check every planned run before any starts; refuse them all if one cannot run."""
+    problems = sorted({problem for cfg in configs for problem in cfg.problems()})
+    if problems:
+        raise SystemExit("invalid configuration:\n  " + "\n  ".join(problems))
+    plans, refusals = [], []
+    for cfg in configs:
+        try:
+            plan = plan_run(cfg, resume, overwrite, LOG_COLUMNS)
+        except RunError as err:
+            refusals.append(f"{cfg.config_name} seed {cfg.seed}: {err}")
+            continue
+        plan.checkpoint = None  # read to check it; the run reads it again when it starts
+        plans.append(plan)
+    if refusals:
+        raise SystemExit(
+            f"Nothing was started: {len(refusals)} of {len(configs)} planned runs cannot run as "
+            "asked.\n  " + "\n  ".join(refusals)
+        )
+    return plans
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     names = args.config or list(STUDY_CONFIGS)
     seeds = args.seed or ([0] if args.quick else list(STUDY_SEEDS))
@@ -544,18 +682,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         overrides.update(QUICK_OVERRIDES, runs_dir=str(Path("runs") / "quick"))
     overrides.update(overrides_from_args(args, skip=("config_name", "seed")))
+    if overrides.get("tensorboard", True) and SummaryWriter is None:
+        print(
+            "TensorBoard is not installed (pip install tensorboard, or the example extra): "
+            "no events are written, and config.json says tensorboard: false.",
+            file=sys.stderr,
+        )
+        overrides["tensorboard"] = False
     configs = [make_config(name, seed=seed, **overrides) for seed in seeds for name in names]
     overwrite = args.overwrite or args.quick  # a smoke run has nothing worth keeping
 
+    plans = plan_study(configs, args.resume, overwrite)
+    changes = [plan.describe() for plan in plans if plan.action != "start"]
+    if changes:
+        print("Existing runs:\n  " + "\n  ".join(changes), file=sys.stderr)
     if len(configs) == 1:
-        return [train(configs[0], resume=args.resume, overwrite=overwrite)]
-    summaries = run_many(configs, args.workers, args.resume, overwrite)
-    if not args.no_report:
+        outcome = run_one(configs[0], args.resume, overwrite)
+    else:
+        outcome = run_many(configs, args.workers, args.resume, overwrite, configs[0].progress)
+    if outcome.stop_reason or outcome.failed or len(configs) > 1:
+        print(outcome.report(resume_command(argv)), file=sys.stderr)
+    if outcome.stop_reason:
+        raise SystemExit(EXIT_CODES.get(outcome.stop_reason, 1))
+    if outcome.failed:
+        raise SystemExit(1)
+    if len(configs) > 1 and not args.no_report:
         import report
 
         out = report.write_report(configs[0].runs_dir)
         print(f"report: {out}")
-    return summaries
+    return [summary for _, summary in outcome.finished]
 
 
 if __name__ == "__main__":

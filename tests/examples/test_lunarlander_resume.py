@@ -6,6 +6,7 @@ import pytest
 import train
 from config import QUICK_OVERRIDES, make_config
 from replay import PerTaskReplayBuffer
+from runfiles import RunError
 
 
 class Killed(BaseException):
@@ -124,8 +125,8 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
 def test_existing_runs_are_protected(tmp_path):
     cfg = quick_config("shared-blind", tmp_path)
     train.train(cfg)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train.train(cfg)
-    with pytest.raises(SystemExit, match="different config"):
+    with pytest.raises(RunError, match="different config"):
         train.train(quick_config("shared-blind", tmp_path, lr=1e-3), resume=True)
     train.train(cfg, overwrite=True)  # explicit: start again
