@@ -133,7 +133,7 @@ def nnls_gram(matrix: np.ndarray, target: np.ndarray, *, max_iter: int | None = 
         gradient = target - matrix @ z
     raise SolverError(
         f"the active-set NNLS solver did not converge in {max_iter} iterations; "
-        "the Gramian is likely too ill-conditioned (check the task gradients for NaN-like scales)"
+        "the Gramian is likely too ill-conditioned for float64"
     )
 
 
