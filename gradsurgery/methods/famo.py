@@ -45,7 +45,7 @@ class FAMO(Method):
         Lower bounds ``b`` of the losses (zeros when ``None``); a loss below its bound is refused.
     update : {"next_losses", "manual"}
         Which losses measure the fall. ``"next_losses"`` (default, no extra forward pass): the
-        next step's losses, on the next batch, at the start of the next :meth:`decide`.
+        next step's losses, on the next batch, at the start of the next step.
         ``"manual"`` (the authors' experiments): after ``optimizer.step()``, recompute the losses
         on the *same* batch under ``torch.no_grad()`` (one extra forward pass) and call
         :meth:`update` with them.
