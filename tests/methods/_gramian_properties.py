@@ -10,15 +10,18 @@ from torch import Tensor
 
 
 @st.composite
-def jacobians(draw, min_tasks: int = 2, max_tasks: int = 10, full_rank: bool = False) -> Tensor:
-    """A float64 ``[T, P]`` Jacobian with rows of scales 1e-3..1e3; with ``full_rank``, ``P >=
-    T`` and no row scaled to zero, else sometimes a zero row or a repeated/opposed row."""
+def jacobians(
+    draw, min_tasks: int = 2, max_tasks: int = 10, full_rank: bool = False, spread: float = 3.0
+) -> Tensor:
+    """A float64 ``[T, P]`` Jacobian with rows of scales ``10^-spread..10^spread``; with
+    ``full_rank``, ``P >= T`` and no edit, else sometimes a zero row or a repeated or opposed
+    row."""
     num_tasks = draw(st.integers(min_tasks, max_tasks))
     num_params = draw(st.integers(num_tasks if full_rank else 1, num_tasks + 8))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     J = rng.standard_normal((num_tasks, num_params))
-    J *= 10.0 ** rng.uniform(-3, 3, size=(num_tasks, 1))
+    J *= 10.0 ** rng.uniform(-spread, spread, size=(num_tasks, 1))
     if not full_rank:
         edit = draw(st.sampled_from(["none", "zero", "repeat", "oppose"]))
         if edit == "zero":
