@@ -25,6 +25,7 @@ from ._dwa import dwa_weights
 from ._fairgrad import fairgrad_weights
 from ._famo import famo_logit_gradient, famo_weights
 from ._gls import gls_weights
+from ._gradvac import gradvac_weights
 from ._imtl_l import imtl_l_scale_gradient, imtl_l_weights
 from ._imtlg import imtlg_weights
 from ._mgda import mgda_weights
@@ -49,6 +50,7 @@ __all__ = [
     "gls_weights",
     "gradnorm_loss",
     "gradnorm_targets",
+    "gradvac_weights",
     "gramian",
     "imtl_l_scale_gradient",
     "imtl_l_weights",
