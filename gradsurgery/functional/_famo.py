@@ -130,8 +130,8 @@ def _famo_weights(losses: list[float], z: list[float], min_losses: list[float]) 
 def _logit_gradient(
     z: list[float], previous: list[float], losses: list[float], min_losses: list[float]
 ) -> list[float]:
-    delta = [
-        math.log(p - b + EPSILON) - math.log(loss - b + EPSILON)
+    delta = [  # log D_before - log D_after, as one logarithm of their ratio
+        math.log((p - b + EPSILON) / (loss - b + EPSILON))
         for p, loss, b in zip(previous, losses, min_losses, strict=True)
     ]
     mean = math.fsum(zi * d for zi, d in zip(z, delta, strict=True))
@@ -154,14 +154,17 @@ def adam_step(
     beta1, beta2 = betas
     step, exp_avg, exp_avg_sq = state
     step += 1
-    if weight_decay:
-        grad = [g + weight_decay * p for g, p in zip(grad, param, strict=True)]
-    exp_avg = [m + (g - m) * (1 - beta1) for m, g in zip(exp_avg, grad, strict=True)]
-    exp_avg_sq = [v * beta2 + (1 - beta2) * g * g for v, g in zip(exp_avg_sq, grad, strict=True)]
     step_size = lr / (1 - beta1**step)
     root_correction = math.sqrt(1 - beta2**step)
-    param = [
-        p - step_size * m / (math.sqrt(v) / root_correction + eps)
-        for p, m, v in zip(param, exp_avg, exp_avg_sq, strict=True)
-    ]
-    return param, (step, exp_avg, exp_avg_sq)
+    params, averages, squares = [], [], []
+    # torch's operations in torch's order (its kernels may fuse a multiply-add: the last bit
+    # can differ); one pass over the T values.
+    for p, g, m, v in zip(param, grad, exp_avg, exp_avg_sq, strict=True):
+        if weight_decay:
+            g = g + weight_decay * p
+        m = m + (g - m) * (1 - beta1)
+        v = v * beta2 + (1 - beta2) * g * g
+        params.append(p - step_size * m / (math.sqrt(v) / root_correction + eps))
+        averages.append(m)
+        squares.append(v)
+    return params, (step, averages, squares)

@@ -60,6 +60,6 @@ class IMTLL(LearnedLossWeighting):
     def decide(self, stats: TaskStats) -> Decision:
         losses = stats.losses
         require_positive(losses, "IMTL-L (a negative loss has no optimal scale)", zero=True)
-        weights = _imtl_l_weights(self.log_scales.detach().tolist())
+        weights = _imtl_l_weights(self._values())
         gradient = _imtl_l_gradient(list(losses), weights)
         return Decision(weights=weights, parameter_grads=self._decision_parameters(gradient))

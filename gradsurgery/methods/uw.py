@@ -61,6 +61,6 @@ class UW(LearnedLossWeighting):
     def decide(self, stats: TaskStats) -> Decision:
         losses = stats.losses
         require_positive(losses, "UW (a negative loss has no optimal log-variance)", zero=True)
-        weights = _uw_weights(self.log_variances.detach().tolist())
+        weights = _uw_weights(self._values())
         gradient = _uw_gradient(list(losses), weights)
         return Decision(weights=weights, parameter_grads=self._decision_parameters(gradient))
