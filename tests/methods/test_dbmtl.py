@@ -152,3 +152,14 @@ def test_load_state_dict_refuses_bad_states_and_changes_nothing():
             method.load_state_dict(state)
         assert method.state_dict() == before
     assert math.isfinite(before["norm_average"][0])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_a_zero_gradient_contributes_nothing_as_in_the_authors_code(beta):
+    jacobian = random_jacobian(3, seed=9)
+    jacobian[1] = 0.0
+    ours, theirs = DBMTL(beta), AuthorsDBMTL(3, jacobian.shape[1], beta, 0.0)
+    for losses in random_losses(4, 3, seed=4):
+        expected = theirs.update(losses, jacobian)
+        torch.testing.assert_close(run_ours(ours, losses, jacobian), expected, rtol=1e-10, atol=0)
+        assert ours.state_dict()["norm_average"][1] == 0.0
