@@ -1,0 +1,113 @@
+"""GradDrop (Chen et al. 2020): gradient sign dropout, coordinate by coordinate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["graddrop"]
+
+
+def graddrop(
+    grads: Tensor,
+    *,
+    leak: float | Sequence[float] = 0.0,
+    generator: torch.Generator | None = None,
+    uniform: Tensor | None = None,
+) -> Tensor:
+    r"""Combine per-task gradients with Gradient Sign Dropout (Chen et al. 2020, Alg. 1).
+
+    Each coordinate :math:`k` keeps either its positive or its negative task gradients: with
+    the sign purity
+
+    .. math:: \mathcal P_k = \tfrac12 \Big(1 + \frac{\sum_i g_{ik}}{\sum_i |g_{ik}|}\Big),
+
+    and :math:`U_k` uniform on :math:`[0, 1)`, the positive entries survive when
+    :math:`\mathcal P_k > U_k`, the negative ones when :math:`\mathcal P_k < U_k`. Task
+    :math:`i`'s dropped entries still leak through with weight :math:`\ell_i`:
+
+    .. math:: d_k = \sum_i \big(\ell_i + (1 - \ell_i) M_{ik}\big)\, g_{ik} .
+
+    A coordinate where every task agrees in sign keeps all of them, so without conflicts the
+    result is the plain sum. A coordinate where every gradient is zero gets purity ``1/2`` (its
+    result is zero either way).
+
+    Parameters
+    ----------
+    grads : Tensor
+        Per-task gradients, ``[T, P]``.
+    leak : float or sequence of float
+        Leak of every task (one number) or of each task (``T`` numbers), in ``[0, 1]``; 0 (the
+        default) drops fully, 1 gives the plain sum.
+    generator : torch.Generator, optional
+        Source of ``U``; the global generator when ``None``. ``U`` is drawn on the generator's
+        device, in ``grads``' dtype (float32 at least).
+    uniform : Tensor, optional
+        ``[P]`` values of ``U`` to use instead of drawing them.
+
+    Returns
+    -------
+    Tensor
+        ``[P]`` update, in ``grads``' dtype and on its device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradsurgery.functional import graddrop
+    >>> grads = torch.tensor([[1.0, 2.0], [-3.0, 1.0]])
+    >>> graddrop(grads, uniform=torch.tensor([0.5, 0.5]))   # purity 0.25 and 1
+    tensor([-3.,  3.])
+    >>> graddrop(grads, leak=1.0, uniform=torch.tensor([0.5, 0.5]))
+    tensor([-2.,  3.])
+    """
+    if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape[0] < 1:
+        shape = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
+        raise ValueError(f"grads must be a [T, P] tensor with T >= 1, got {shape}")
+    if not grads.is_floating_point():
+        raise TypeError(f"grads must have a float dtype, got {grads.dtype}")
+    leaks = check_leak(leak, grads.shape[0])
+    dtype = torch.promote_types(grads.dtype, torch.float32)
+    if uniform is None:
+        uniform = draw_uniform(grads.shape[1], dtype, generator)
+    elif uniform.shape != (grads.shape[1],):
+        raise ValueError(f"uniform must have shape [{grads.shape[1]}], got {tuple(uniform.shape)}")
+    return _graddrop(grads, leaks, uniform)
+
+
+def check_leak(leak: float | Sequence[float], num_tasks: int | None) -> list[float]:
+    """The leaks as a list (one entry, or ``T``), each finite and in ``[0, 1]``."""
+    if isinstance(leak, Tensor):
+        leak = leak.detach().cpu().tolist()
+    values = np.atleast_1d(np.asarray(leak, dtype=np.float64))
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"leak must be a number or a sequence of numbers, got {leak!r}")
+    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise ValueError(f"leak must be in [0, 1], got {leak!r}")
+    if num_tasks is not None and values.size not in (1, num_tasks):
+        raise ValueError(f"leak has {values.size} entries for {num_tasks} tasks")
+    return values.tolist()
+
+
+def draw_uniform(size: int, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    """``U``: ``size`` uniform draws on the generator's device."""
+    device = generator.device if generator is not None else None
+    return torch.rand(size, generator=generator, dtype=dtype, device=device)
+
+
+def _graddrop(grads: Tensor, leaks: list[float], uniform: Tensor) -> Tensor:
+    work = grads.to(uniform.dtype)
+    uniform = uniform.to(grads.device)
+    sums = work.sum(dim=0)
+    magnitudes = work.abs().sum(dim=0)
+    purity = torch.where(magnitudes > 0, sums / magnitudes, 0.0).add_(1.0).mul_(0.5)
+    keep_positive = (purity > uniform).unsqueeze(0)
+    keep_negative = (purity < uniform).unsqueeze(0)
+    mask = (keep_positive & (work > 0)) | (keep_negative & (work < 0))
+    if all(value == 0.0 for value in leaks):
+        return (work * mask).sum(dim=0).to(grads.dtype)
+    leak = torch.tensor(leaks, dtype=work.dtype, device=work.device).expand(grads.shape[0])
+    factors = torch.where(mask, 1.0, leak.unsqueeze(1))
+    return (work * factors).sum(dim=0).to(grads.dtype)
