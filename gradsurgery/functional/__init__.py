@@ -25,6 +25,7 @@ from ._dwa import dwa_weights
 from ._fairgrad import fairgrad_weights
 from ._famo import famo_logit_gradient, famo_weights
 from ._gls import gls_weights
+from ._graddrop import graddrop
 from ._gradvac import gradvac_weights
 from ._imtl_l import imtl_l_scale_gradient, imtl_l_weights
 from ._imtlg import imtlg_weights
@@ -48,6 +49,7 @@ __all__ = [
     "famo_logit_gradient",
     "famo_weights",
     "gls_weights",
+    "graddrop",
     "gradnorm_loss",
     "gradnorm_targets",
     "gradvac_weights",
