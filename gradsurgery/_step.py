@@ -240,6 +240,11 @@ class UpdatePipeline:
                 gramian = exact.tolist()
             else:
                 squared_norms = exact.diagonal().tolist()
+        # The norms of what the engine gave (scaled, if a GradScaler is in use), to bound the
+        # combination below.
+        diagonal = (
+            [row[i] for i, row in enumerate(gramian)] if gramian is not None else squared_norms
+        )
         if scale is not None:  # diagnostics and decisions see the unscaled gradients
             if gramian is not None:
                 gramian = [[g / scale / scale for g in row] for row in gramian]
@@ -269,8 +274,18 @@ class UpdatePipeline:
                 direction = decision.direction
                 if direction is not None and scale is not None and needs == Needs.JACOBIAN:
                     direction = [d * scale for d in direction]
+                # |sum_i w_i g_i| <= sum_i |w_i| ||g_i||: when that bound is far below the
+                # dtype's largest value, the combination cannot overflow and needs no check.
+                bounded = (
+                    diagonal is not None
+                    and stats_jacobian is jacobian
+                    and mask is None
+                    and direction is None
+                    and not decision.parameter_grads
+                    and _norm_bound(weights, diagonal) < 0.5 * torch.finfo(jacobian.dense.dtype).max
+                )
                 finite = self._write_all(
-                    jacobian, jparams, reached, weights, mask, scale, decision, direction
+                    jacobian, jparams, reached, weights, mask, scale, decision, direction, bounded
                 )
             else:
                 finite = True
@@ -295,6 +310,7 @@ class UpdatePipeline:
         scale: float | None,
         decision: Decision | None = None,
         direction: list[Tensor] | None = None,
+        bounded: bool = False,
     ) -> bool:
         """Combine the task gradients and write them; ``False`` when the result is not finite
         (under a GradScaler, for the scaler to skip; otherwise refused before writing)."""
@@ -312,7 +328,7 @@ class UpdatePipeline:
         if kept is not None and not kept.all():
             params = [p for p, k in zip(params, kept, strict=True) if k]
             combined = [g for g, k in zip(combined, kept, strict=True) if k]
-        finite = all_finite(combined)
+        finite = bounded or all_finite(combined)
         if not finite and scale is None:
             bad = jacobian.nonfinite_tasks()
             if bad:
@@ -516,6 +532,16 @@ def _per_parameter_weights(
         rows /= torch.from_numpy(np.maximum(counts, 1))[:, None]
     rows[torch.from_numpy(shared)] = torch.tensor(weights, dtype=torch.float64)
     return rows
+
+
+def _norm_bound(weights: list[float], squared_norms: Sequence[float]) -> float:
+    """An upper bound of every element of ``sum_i weights[i] g_i`` and of every weight."""
+    bound = sum(
+        abs(w) * math.sqrt(max(s, 0.0)) for w, s in zip(weights, squared_norms, strict=True)
+    )
+    # The weights are cast to the gradients' dtype as well: they must fit under the bound too.
+    bound = max(bound, *map(abs, weights))
+    return bound if math.isfinite(bound) else math.inf
 
 
 def _unscale(jacobian: TaskJacobian, scale: float) -> None:
