@@ -7,7 +7,7 @@ remembered. It works for any model, compiled or not, at the cost of ``T`` backwa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,12 @@ def task_jacobian(
             "all parameters must share one dtype and device for the per-task gradient matrix; "
             f"found {sorted({(str(p.dtype), str(p.device)) for p in params})}"
         )
+    if first.is_complex():
+        raise TypeError(
+            f"complex parameters ({first.dtype}) are not supported: the methods compare task "
+            "gradients by real dot products; keep the real and imaginary parts as two real "
+            "parameters"
+        )
     numels = [p.numel() for p in params]
     matrix = torch.zeros(len(losses), sum(numels), dtype=first.dtype, device=first.device)
     reached = np.zeros((len(losses), len(params)), dtype=bool)
@@ -40,9 +46,25 @@ def task_jacobian(
         rows = matrix[i].split(numels)
         hit = [k for k, g in enumerate(grads) if g is not None]
         if hit:
-            torch._foreach_copy_([rows[k] for k in hit], [grads[k].reshape(-1) for k in hit])
+            try:
+                flat = [grads[k].reshape(-1) for k in hit]
+            except RuntimeError:
+                _refuse_sparse(params, grads)
+                raise
+            torch._foreach_copy_([rows[k] for k in hit], flat)
             reached[i, hit] = True
     return TaskJacobian(matrix, reached, numels)
+
+
+def _refuse_sparse(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    sparse = [k for k, g in enumerate(grads) if g is not None and g.layout != torch.strided]
+    if sparse:
+        shapes = ", ".join(f"{k} {tuple(params[k].shape)}" for k in sparse)
+        raise TypeError(
+            f"parameter(s) {shapes} got a sparse gradient (nn.Embedding or nn.EmbeddingBag "
+            "with sparse=True): per-task gradient methods combine dense gradients; build the "
+            "layer with sparse=False"
+        )
 
 
 class AutogradEngine:
@@ -114,11 +136,15 @@ def task_gradients(
 
 
 def graph_leaves(
-    roots: Sequence[Tensor], bypass: dict[torch.autograd.graph.Node, Any] | None = None
+    roots: Sequence[Tensor],
+    bypass: dict[torch.autograd.graph.Node, Any] | None = None,
+    watch: Collection[type] = (),
+    found: list[Any] | None = None,
 ) -> list[Tensor]:
     """Leaf tensors (parameters) reached by the autograd graphs of ``roots``, in a fixed order.
 
     ``bypass`` maps nodes to the node the walk goes on from instead (``None``: stop there).
+    Nodes of the types in ``watch`` that the walk visits are appended to ``found``.
     """
     bypass = bypass or {}
     leaves = [root for root in roots if root.grad_fn is None and root.requires_grad]
@@ -128,9 +154,12 @@ def graph_leaves(
         node = stack.pop()
         if node is None:
             continue
-        if type(node) is _AccumulateGrad:  # a leaf's node; it has no next functions
+        kind = type(node)
+        if kind is _AccumulateGrad:  # a leaf's node; it has no next functions
             leaves.append(node.variable)
             continue
+        if kind in watch:
+            found.append(node)  # type: ignore[union-attr]
         for next_node, _ in node.next_functions:
             if next_node in bypass:
                 next_node = _follow(next_node, bypass)

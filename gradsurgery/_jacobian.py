@@ -9,6 +9,7 @@ engine follows; methods import it and the Jacobian from here, never an engine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,6 +20,10 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from ._validation import nonfinite_tasks
+
+# Below this squared norm, float32 products of the gradients' elements fall in the subnormal
+# range and lose more precision than the sum's own rounding: tiny / eps (about 1e-31).
+_LOSSLESS_FLOOR = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
 
 # Below this many input features, CPU BLAS computes ``g^T x`` (a thin [out, in] result) several
 # times slower than ``x^T g`` plus a transposed copy (the study's 8 -> 256 first layer among
@@ -158,9 +163,29 @@ class TaskJacobian:
     def gramian(self, mask: np.ndarray | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """``[T, T]`` Gramian of the parameters selected by ``mask`` (bool per parameter).
 
-        Computed in ``dtype`` when given; otherwise half-precision gradients give a float32
-        Gramian, so that the dot products cannot overflow.
+        Computed in ``dtype`` when given. Otherwise half-precision gradients give a float32
+        Gramian, so that the dot products cannot overflow; and when that precision loses the
+        products (a squared norm below ``tiny / eps``, where the products of tiny gradients
+        underflow, or beyond the range), the Gramian is recomputed and returned in float64.
         """
+        if dtype is not None:
+            return self._gramian(mask, dtype)
+        result = self._gramian(mask, None)
+        if result.dtype != torch.float64 and self._lossy(result.diagonal().tolist(), mask):
+            return self._gramian(mask, torch.float64)
+        return result
+
+    def gramian_rows(self, mask: np.ndarray | None = None) -> list[list[float]]:
+        """:meth:`gramian` as Python floats (float64): one device-to-host copy, and the
+        precision check on those floats rather than with further tensor calls."""
+        rows = self._gramian(mask, None).tolist()
+        if self.dense.dtype != torch.float64 and self._lossy(
+            [row[t] for t, row in enumerate(rows)], mask
+        ):
+            return self._gramian(mask, torch.float64).tolist()
+        return rows
+
+    def _gramian(self, mask: np.ndarray | None, dtype: torch.dtype | None) -> Tensor:
         if dtype is None and self.dense.dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         dense = self.dense if dtype is None else self.dense.to(dtype)
@@ -177,6 +202,30 @@ class TaskJacobian:
             result += factors.gramian(result.dtype)
         return result
 
+    def _lossy(self, squared_norms: list[float], mask: np.ndarray | None) -> bool:
+        """Whether float32 squared norms (or a Gramian's diagonal) lost the products.
+
+        Finite gradients whose products overflow give Inf; gradients around ``1e-20`` per
+        element give products in (or below) the subnormal range, so that the Gramian is zero
+        or imprecise and a conflict is missed. Below ``tiny / eps`` the products lose more
+        than the sum's own rounding. A squared norm of exactly zero is only lossy if that
+        task's gradient is not zero (one more check, in that case only).
+        """
+        if not math.isfinite(sum(squared_norms)):  # NaN gradients too: float64 says the same
+            return True
+        floor = _LOSSLESS_FLOOR
+        if min(squared_norms) >= floor:
+            return False
+        zeros = [t for t, value in enumerate(squared_norms) if value == 0.0]
+        if len(zeros) < sum(value < floor for value in squared_norms):
+            return True  # a tiny nonzero squared norm
+        rows = self.matrix if mask is None else self.matrix[:, self._column_mask(mask)]
+        return bool(rows[zeros].any())
+
+    def _column_mask(self, mask: np.ndarray) -> Tensor:
+        columns = np.repeat(np.asarray(mask, dtype=bool), self.numels)
+        return torch.from_numpy(columns).to(self.dense.device)
+
     def leading(self, count: int) -> TaskJacobian:
         """The per-task gradients of the first ``count`` parameters (views, no copy)."""
         # The dense parameters keep their order in ``dense``: the first ones are a prefix.
@@ -191,10 +240,26 @@ class TaskJacobian:
     def squared_norms(self, mask: np.ndarray | None = None) -> Tensor:
         """``[T]`` squared norms of the task gradients on the parameters selected by ``mask``.
 
-        The Gramian's diagonal, without its off-diagonal products (what GradNorm needs).
+        The Gramian's diagonal, without its off-diagonal products (what GradNorm needs); in
+        float64 when the gradients' precision loses them (see :meth:`gramian`).
         """
+        result = self._squared_norms(mask, None)
+        if result.dtype != torch.float64 and self._lossy(result.tolist(), mask):
+            return self._squared_norms(mask, torch.float64)
+        return result
+
+    def squared_norm_values(self, mask: np.ndarray | None = None) -> list[float]:
+        """:meth:`squared_norms` as Python floats (float64), checked on those floats."""
+        values = self._squared_norms(mask, None).tolist()
+        if self.dense.dtype != torch.float64 and self._lossy(values, mask):
+            return self._squared_norms(mask, torch.float64).tolist()
+        return values
+
+    def _squared_norms(self, mask: np.ndarray | None, dtype: torch.dtype | None) -> Tensor:
         dense = self.dense
-        if dense.dtype in (torch.float16, torch.bfloat16):
+        if dtype is not None:
+            dense = dense.to(dtype)
+        elif dense.dtype in (torch.float16, torch.bfloat16):
             dense = dense.float()
         if mask is None or mask.all():
             if not self.factored:  # one block: two calls

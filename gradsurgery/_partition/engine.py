@@ -12,7 +12,9 @@ the full per-task Jacobian.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import operator
+import warnings
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -34,20 +36,34 @@ class BatchPartitionEngine:
     ``nn.LayerNorm`` take the fast path; the parameters of any other layer are differentiated
     per task by autograd, so the result is the same Jacobian as the default engine's. So are
     those of a supported layer whose parameter is also used outside its calls (weight tying, a
-    penalty on the weights in the loss) or whose input or output is changed in place after the
-    call: the engine detects both at every step and warns once. The model must run uncompiled:
-    a forward pass traced by ``torch.compile`` is refused (the default engine handles those).
-    Under PCGrad or GradNorm the engine writes every step into the same ``[T, P]`` matrix,
-    which stays allocated between steps until :meth:`remove`.
+    penalty on the weights in the loss), whose input or output is changed in place after the
+    call, whose options change the gradient formula, or whose input does not have the batch in
+    dimension 0: the engine checks at every step. A layer changed after the engine was
+    created (a parametrization, ``weight_norm``, ``spectral_norm``, weight tying) is read
+    again, with a warning. The model must run uncompiled: a forward pass traced by
+    ``torch.compile`` is refused (the default engine handles those). Under PCGrad or GradNorm
+    the engine writes every step into the same ``[T, P]`` matrix, which stays allocated
+    between steps until :meth:`remove`.
+
+    What the engine cannot see is a model or loss that mixes the rows of different tasks (a
+    mean or a statistic over the whole batch, attention across the batch, rows not in task
+    order). So by default it checks its result against per-task autograd on the first step of
+    every recording pattern (the layers, their input shapes, the task sizes and the
+    parameters asked for) and raises if they differ: one slower step per pattern, amortized
+    over a training run. See the guide's "Reliability" page.
 
     Parameters
     ----------
     model : torch.nn.Module
         The model whose forward pass is recorded. It must not mix samples: a model with
         BatchNorm is refused.
-    verify : bool
-        Also compute every Jacobian the slow way and raise if the two differ (for debugging a
-        model or loss that might mix samples across tasks).
+    verify : {"first", "always", "never"}
+        When to compute the Jacobian the slow way too and raise if the two differ. ``"first"``
+        (default): on the first step of each recording pattern. ``"always"``: at every step
+        (for debugging). ``"never"``: no check, for a model known to keep the tasks' rows
+        apart; a layer whose batch dimension is ambiguous (the batch size in more than one
+        dimension of its input) then takes the slow path. ``True`` and ``False`` mean
+        ``"always"`` and ``"never"``.
     factored : {"auto", "always", "never"}
         How a Linear layer's per-task weight gradients are kept. Dense: ``T`` matrices of
         ``in x out``. Factored: the layer's inputs and output gradients (``M`` rows), from which
@@ -76,15 +92,28 @@ class BatchPartitionEngine:
 
     single_backward = True
 
-    def __init__(self, model: nn.Module, *, verify: bool = False, factored: str = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, *, verify: str | bool = "first", factored: str = "auto"
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"BatchPartitionEngine records an nn.Module's forward pass, got a "
+                f"{type(model).__name__}"
+            )
         if factored not in ("auto", "always", "never"):
             raise ValueError(f"factored must be 'auto', 'always' or 'never', got {factored!r}")
+        if isinstance(verify, bool):
+            verify = "always" if verify else "never"
+        if verify not in ("first", "always", "never"):
+            raise ValueError(f"verify must be 'first', 'always' or 'never', got {verify!r}")
         refuse_sample_mixing_layers(model)
+        _refuse_complex(model)
         self.model = model
         self.verify = verify
         self.factored = factored
         self._recorder = Recorder(model)
-        self._plans = PlanCache(factored)
+        self._plans = PlanCache(factored, trust_ambiguous=verify != "never")
+        self._last_plan: Plan | None = None
 
     def record(
         self, task_sizes: Sequence[int]
@@ -96,10 +125,34 @@ class BatchPartitionEngine:
         task_sizes : sequence of int
             Rows per task, in order; the batch has ``sum(task_sizes)`` rows.
         """
-        sizes = [int(s) for s in task_sizes]
-        if not sizes or any(s < 1 for s in sizes):
-            raise ValueError(f"task_sizes must be positive row counts, got {list(task_sizes)}")
+        sizes = _row_counts(task_sizes)
         return Recording(self._recorder, sizes, self)
+
+    def slow_layers(self) -> dict[str, str]:
+        """The recorded layers the last step differentiated per task, and why.
+
+        Layers of types the engine has no formula for (convolutions, recurrent layers, ...)
+        always take the slow path and are not listed.
+
+        Examples
+        --------
+        >>> import torch
+        >>> import gradsurgery as gs
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0))
+        >>> engine = gs.BatchPartitionEngine(model)
+        >>> with engine.record(task_sizes=[1, 1]):
+        ...     out = model(torch.tensor([1, 2]))
+        >>> jacobian = engine.jacobian([out[0].sum(), out[1].sum()], list(model.parameters()))
+        >>> engine.slow_layers()
+        {'0': 'it has max_norm (the table is renormalized in place at every call)'}
+        """
+        if self._last_plan is None:
+            return {}
+        names = {module: name for name, module in self.model.named_modules()}
+        return {
+            names.get(module, type(module).__name__): reason
+            for module, reason in self._last_plan.slow_layers.items()
+        }
 
     def remove(self) -> None:
         """Remove the engine's hooks from the model and free the matrix it keeps for reuse."""
@@ -149,10 +202,20 @@ class BatchPartitionEngine:
         retain_graph: bool,
         reuse: bool,
     ) -> TaskJacobian:
-        sizes = self._recorder.task_sizes
+        recorder = self._recorder
+        sizes = recorder.task_sizes
         assert sizes is not None
-        reference = task_jacobian(losses, params, retain_graph=True) if self.verify else None
-        key, plan = self._plans.plan(params, sizes, calls, slow, self._recorder.owned)
+        if recorder.changed:  # a layer was read again: its plans are stale
+            recorder.changed = False
+            self._plans.clear()
+        key, plan = self._plans.plan(params, sizes, calls, slow, recorder.owned)
+        if plan is not self._last_plan:
+            self._last_plan = plan
+            self._warn_unmatched_rows(plan, calls, sizes)
+        verify = self.verify == "always" or (
+            self.verify == "first" and id(plan) not in self._plans.verified
+        )
+        reference = task_jacobian(losses, params, retain_graph=True) if verify else None
 
         # Large Linear weights stay factored (inputs and output gradients); the rest is written
         # in place, block by block, into one [T, P_dense] matrix: peak memory is that matrix
@@ -187,9 +250,71 @@ class BatchPartitionEngine:
         elif reached is not None:
             reached |= plan.fast_reached
         jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
-        if reference is not None:
-            _check_agreement(jacobian, reference)
+        if reference is not None and self._agrees(jacobian, reference, plan, params):
+            self._plans.verified.add(id(plan))
         return jacobian
+
+    def _agrees(
+        self, fast: TaskJacobian, reference: TaskJacobian, plan: Plan, params: Sequence[Tensor]
+    ) -> bool:
+        """Raise if the two Jacobians differ; whether the check could judge (finite values)."""
+        expected, actual = reference.matrix, fast.matrix
+        if not bool(torch.isfinite(expected).all()):
+            return False  # a NaN or Inf step judges nothing: check the pattern's next step
+        # The same sums in another order: rounding differences only, relative to the scale.
+        scale = float(expected.abs().max())
+        tolerance = 1e3 * torch.finfo(expected.dtype).eps * max(scale, _TINY)
+        blocks = zip(actual.split(plan.numels, 1), expected.split(plan.numels, 1), strict=True)
+        wrong = [
+            k
+            for k, (a, e) in enumerate(blocks)
+            if not bool(((a - e).abs() <= tolerance).all())  # NaN in `a` counts as wrong
+        ]
+        if not wrong:
+            return True
+        difference = float((actual - expected).abs().nan_to_num(float("inf")).max())
+        raise RuntimeError(self._disagreement(wrong, params, plan, difference, scale))
+
+    def _disagreement(
+        self,
+        wrong: list[int],
+        params: Sequence[Tensor],
+        plan: Plan,
+        difference: float,
+        scale: float,
+    ) -> str:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        listed = [names.get(id(params[k]), f"parameter {k}") for k in wrong]
+        shown = ", ".join(listed[:6]) + (f" and {len(listed) - 6} more" if len(listed) > 6 else "")
+        layers = {module: name for name, module in self.model.named_modules()}
+        doubts = "".join(
+            f" {layers.get(module, type(module).__name__)}: {doubt}."
+            for module, doubt in plan.ambiguous.items()
+        )
+        return (
+            f"BatchPartitionEngine disagrees with per-task autograd on {shown} (max difference "
+            f"{difference:.3g}, gradient scale {scale:.3g}). The one backward pass cannot "
+            "separate the tasks: the model or a loss mixes samples of different tasks (a mean or "
+            "a statistic over the whole batch, attention across the batch), the batch rows are "
+            "not in the order of task_sizes, or a layer reads a time-major input "
+            f"(batch_first=False).{doubts} Use the default engine (engine=None), or give each "
+            "task's loss only its own rows, in task order. Nothing was changed"
+        )
+
+    def _warn_unmatched_rows(
+        self, plan: Plan, calls: dict[nn.Module, list[Call]], sizes: list[int]
+    ) -> None:
+        """Say so when no recorded layer has ``sum(task_sizes)`` rows: task_sizes is wrong."""
+        batch = sum(sizes)
+        rows = [c.input.shape[0] if c.input.dim() else None for cs in calls.values() for c in cs]
+        if plan.slow_layers and batch not in rows:
+            warnings.warn(
+                f"BatchPartitionEngine: task_sizes {sizes} sum to {batch} rows, but no recorded "
+                f"layer's input has {batch} rows (their first dimensions: "
+                f"{sorted(set(r for r in rows if r is not None))}); every layer takes the slow "
+                "per-task path. Give task_sizes the rows of each task in the batch",
+                stacklevel=4,
+            )
 
     def _fast_path(
         self,
@@ -252,13 +377,35 @@ class BatchPartitionEngine:
         return written, factors
 
 
-def _check_agreement(fast: TaskJacobian, reference: TaskJacobian) -> None:
-    scale = reference.matrix.abs().max().clamp_min(1.0)
-    tolerance = 1e3 * torch.finfo(reference.matrix.dtype).eps * scale
-    difference = (fast.matrix - reference.matrix).abs().max()
-    if difference > tolerance:
-        raise RuntimeError(
-            f"BatchPartitionEngine disagrees with per-task autograd (max difference "
-            f"{float(difference):.3g}): the model or a loss mixes samples of different tasks, "
-            "or the batch rows are not in task order"
+def _row_counts(task_sizes: Sequence[int]) -> list[int]:
+    """``task_sizes`` as positive whole numbers, or a clear error."""
+    if isinstance(task_sizes, (str, bytes)) or not isinstance(task_sizes, Iterable):
+        raise TypeError(f"task_sizes must be a sequence of row counts, got {task_sizes!r}")
+    sizes = list(task_sizes)
+    if not all(type(size) is int for size in sizes):  # the usual case costs one pass
+        for k, size in enumerate(sizes):
+            if isinstance(size, bool):
+                raise TypeError(f"task_sizes must be whole row counts, got {sizes}")
+            try:
+                sizes[k] = operator.index(size)  # NumPy and 0-d integer tensors too
+            except TypeError:
+                raise TypeError(
+                    f"task_sizes must be whole row counts (int), got {sizes}: a fractional "
+                    "size cannot split the batch's rows"
+                ) from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"task_sizes must be positive row counts, got {sizes}")
+    return sizes
+
+
+def _refuse_complex(model: nn.Module) -> None:
+    complex_params = [name for name, p in model.named_parameters() if p.is_complex()]
+    if complex_params:
+        raise TypeError(
+            f"BatchPartitionEngine: {', '.join(complex_params)} are complex, which is not "
+            "supported: the methods compare task gradients by real dot products; keep the "
+            "real and imaginary parts as two real parameters"
         )
+
+
+_TINY = torch.finfo(torch.float64).tiny

@@ -29,13 +29,30 @@ TaskGrads = Callable[
 tensor itself)."""
 
 
+BatchDims = Callable[[nn.Module, Tensor], range]
+"""The dimensions of a call's input that may index samples (the others are features)."""
+
+
 class LayerRule(NamedTuple):
     """How one layer type's per-task gradients come from its recorded calls."""
 
     task_grads: TaskGrads
-    applies: Callable[[nn.Module], bool]  # whether the formula holds for this layer's options
+    parameters: frozenset[str]  # the layer's own parameter slots, as the formula reads them
+    batch_dims: BatchDims
+    refusal: Callable[[nn.Module], str | None]  # why this layer's options need the slow path
     in_place: bool  # the formula can write into views of the per-task matrix
     factorable: bool  # the weight may stay factored (FactoredGradients: inputs x output grads)
+
+    def why_slow(self, module: nn.Module) -> str | None:
+        """Why the formula does not hold for this layer as it is now, or ``None``."""
+        if module._parameters.keys() != self.parameters:
+            # weight_norm / spectral_norm (the hook-based ones) rename the weight and compute
+            # it before every call: its gradient is not the formula's.
+            return (
+                f"its parameters are now {sorted(module._parameters)} (weight_norm, "
+                "spectral_norm or a parameter replaced)"
+            )
+        return self.refusal(module)
 
 
 LAYERS: dict[type[nn.Module], LayerRule] = {}
@@ -45,12 +62,16 @@ def register_layer(
     layer_type: type[nn.Module],
     task_grads: TaskGrads,
     *,
-    applies: Callable[[nn.Module], bool] = lambda module: True,
+    parameters: tuple[str, ...],
+    batch_dims: BatchDims,
+    refusal: Callable[[nn.Module], str | None] = lambda module: None,
     in_place: bool = False,
     factorable: bool = False,
 ) -> None:
     """Put ``layer_type`` (exactly that type, not its subclasses) on the fast path."""
-    LAYERS[layer_type] = LayerRule(task_grads, applies, in_place, factorable)
+    LAYERS[layer_type] = LayerRule(
+        task_grads, frozenset(parameters), batch_dims, refusal, in_place, factorable
+    )
 
 
 def task_index(sizes: Sequence[int], device: torch.device, per_sample: int = 1) -> Tensor:
@@ -143,11 +164,19 @@ def embedding_task_grads(
     weight: bool,
     out: dict[str, Tensor],
 ) -> dict[str, Tensor]:
-    """Token ``k`` of task ``t`` adds its output gradient to row ``k`` of task ``t``'s table."""
+    """Token ``k`` of task ``t`` adds its output gradient to row ``k`` of task ``t``'s table.
+
+    With ``scale_grad_by_freq`` each token's gradient is divided by the token's count in the
+    whole call (all tasks' rows), as autograd does for every task's loss.
+    """
+    assert isinstance(module, nn.Embedding)
     embeddings = module._parameters["weight"]
     tokens = x.reshape(-1)
     tasks = task_index(sizes, x.device, tokens.shape[0] // x.shape[0])
     g = grad_output.reshape(-1, embeddings.shape[1]).to(embeddings.dtype)
+    if module.scale_grad_by_freq:
+        counts = torch.bincount(tokens, minlength=embeddings.shape[0])
+        g = g / counts[tokens].unsqueeze(1).to(g.dtype)
     table = out["weight"].zero_() if out else g.new_zeros(len(sizes), *embeddings.shape)
     table.index_put_((tasks, tokens), g, accumulate=True)  # one call for every task
     if module.padding_idx is not None:
@@ -178,12 +207,35 @@ def layer_norm_task_grads(
     return grads
 
 
-register_layer(nn.Linear, linear_task_grads, in_place=True, factorable=True)
+def _embedding_refusal(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.Embedding)
+    if module.sparse:
+        return "it has sparse=True (sparse gradients)"
+    if module.max_norm is not None:
+        return "it has max_norm (the table is renormalized in place at every call)"
+    return None
+
+
+register_layer(
+    nn.Linear,
+    linear_task_grads,
+    parameters=("weight", "bias"),
+    batch_dims=lambda module, x: range(x.dim() - 1),  # [*, in]
+    in_place=True,
+    factorable=True,
+)
 register_layer(
     nn.Embedding,
     embedding_task_grads,
-    # A sparse gradient and renormalization (max_norm) change what a step computes.
-    applies=lambda module: not module.sparse and module.max_norm is None,
+    parameters=("weight",),
+    batch_dims=lambda module, x: range(x.dim()),  # [*] indices
+    refusal=_embedding_refusal,
     in_place=True,
 )
-register_layer(nn.LayerNorm, layer_norm_task_grads)
+register_layer(
+    nn.LayerNorm,
+    layer_norm_task_grads,
+    parameters=("weight", "bias"),
+    # [*, *normalized_shape]
+    batch_dims=lambda module, x: range(x.dim() - len(module.normalized_shape)),  # type: ignore[arg-type]
+)

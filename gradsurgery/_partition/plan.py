@@ -37,6 +37,8 @@ class Plan:
     fast_reached: np.ndarray  # [n_params] bool: those columns
     numels: list[int]
     params: tuple[Tensor, ...]  # held so that the ids in the cache key stay theirs
+    slow_layers: dict[nn.Module, str]  # recorded layers left to the slow path, and why
+    ambiguous: dict[nn.Module, str]  # fast layers whose batch dimension only a check confirms
 
 
 class Buffer(NamedTuple):
@@ -61,10 +63,13 @@ class Buffer(NamedTuple):
 class PlanCache:
     """Plans per call pattern, and (for ``reuse``) the matrix each one last filled."""
 
-    def __init__(self, factored: str) -> None:
+    def __init__(self, factored: str, trust_ambiguous: bool) -> None:
         self.factored = factored
+        self.trust_ambiguous = trust_ambiguous  # the engine checks such plans against autograd
         self._plans: dict[tuple, Plan] = {}
         self._buffers: dict[tuple, Buffer] = {}
+        # ids of the plans checked against autograd (cleared with the plans: ids stay theirs)
+        self.verified: set[int] = set()
 
     def plan(
         self,
@@ -86,7 +91,9 @@ class PlanCache:
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self.clear()
-            plan = self._plans[key] = make_plan(params, sizes, calls, slow, owned, self.factored)
+            plan = self._plans[key] = make_plan(
+                params, sizes, calls, slow, owned, self.factored, self.trust_ambiguous
+            )
         return key, plan
 
     def buffer(self, key: tuple, plan: Plan, like: Tensor, num_tasks: int, reuse: bool) -> Buffer:
@@ -101,6 +108,7 @@ class PlanCache:
     def clear(self) -> None:
         self._plans.clear()
         self._buffers.clear()
+        self.verified.clear()
 
 
 def make_plan(
@@ -110,23 +118,42 @@ def make_plan(
     slow: set[nn.Module],
     owned: dict[nn.Module, list[tuple[str, nn.Parameter]]],
     factored: str,
+    trust_ambiguous: bool,
 ) -> Plan:
-    """Which parameters take the fast path, which are factored, where each one goes."""
+    """Which parameters take the fast path, which are factored, where each one goes.
+
+    ``trust_ambiguous``: let a layer whose input has the batch size in more than one
+    dimension take the fast path (the engine then checks the plan against autograd).
+    """
+    _refuse_complex(params)
     column = {id(p): k for k, p in enumerate(params)}
-    rules = {module: LAYERS[type(module)] for module in calls}
-    fast = [
-        module
-        for module, module_calls in calls.items()
-        if module not in slow
-        and rules[module].applies(module)
-        and all(call.input.shape[0] == sum(sizes) for call in module_calls)
-        and any(id(p) in column for _, p in owned[module])
-    ]
+    slow_layers: dict[nn.Module, str] = {m: "its calls are not safe to split" for m in slow}
+    ambiguous: dict[nn.Module, str] = {}
+    fast = []
+    for module, module_calls in calls.items():
+        if module in slow or not any(id(p) in column for _, p in owned[module]):
+            continue  # slow already, or none of its parameters is asked for
+        reason, doubt = _batch_dimension(module, module_calls, sum(sizes))
+        if doubt is not None and not trust_ambiguous:
+            reason = doubt + " and verify='never' cannot confirm which is the batch"
+        if reason is not None:
+            slow_layers[module] = reason
+            continue
+        if doubt is not None:
+            ambiguous[module] = doubt
+        fast.append(module)
+    # A parameter shared by two fast layers (weight tying) is a sum of two dense blocks.
+    users: dict[int, int] = {}
+    for module in fast:
+        for _, p in owned[module]:
+            users[id(p)] = users.get(id(p), 0) + 1
+    rules = {module: LAYERS[type(module)] for module in fast}
     factored_weight = {
         module: column[id(module.weight)]
         for module in fast
         if rules[module].factorable
         and id(module.weight) in column
+        and users[id(module.weight)] == 1
         and _keep_factored(
             module, sum(c.input.numel() for c in calls[module]), len(sizes), factored
         )
@@ -167,7 +194,52 @@ def make_plan(
         fast_reached=fast_reached,
         numels=[p.numel() for p in params],
         params=tuple(params),
+        slow_layers=slow_layers,
+        ambiguous=ambiguous,
     )
+
+
+def _batch_dimension(
+    module: nn.Module, calls: list[Call], batch: int
+) -> tuple[str | None, str | None]:
+    """Whether dim 0 of every call's input is the batch of ``batch`` rows.
+
+    Returns ``(reason, doubt)``: why the layer must take the slow path (``None`` if it may
+    take the fast one), and why dim 0 is only probably the batch (``None`` if certainly).
+    The fast path reads dim 0 as the batch; a time-major input (``nn.LSTM``, ``nn.GRU``,
+    ``nn.TransformerEncoderLayer`` with their default ``batch_first=False``) has the batch in
+    dim 1, and when its sequence length equals the batch size, dim 0 alone cannot tell.
+    """
+    rule = LAYERS.get(type(module))
+    if rule is None:
+        return f"it is now a {type(module).__name__} (a parametrization)", None
+    reason = rule.why_slow(module)
+    if reason is not None:
+        return reason, None
+    doubt = None
+    for call in calls:
+        shape = call.input.shape
+        dims = rule.batch_dims(module, call.input)
+        if len(dims) == 0 or dims[0] != 0:
+            return f"its input {tuple(shape)} has no batch dimension", None
+        if shape[0] != batch:
+            return f"its input {tuple(shape)} has {shape[0]} rows, not {batch}", None
+        if any(shape[d] == batch for d in dims[1:]):
+            doubt = (
+                f"its input {tuple(shape)} has the batch size {batch} in more than one "
+                "dimension (a time-major input, batch_first=False, reads dim 1 as the batch)"
+            )
+    return None, doubt
+
+
+def _refuse_complex(params: Sequence[Tensor]) -> None:
+    complex_params = [k for k, p in enumerate(params) if p.is_complex()]
+    if complex_params:
+        raise TypeError(
+            f"parameter(s) {complex_params} are complex ({params[complex_params[0]].dtype}), "
+            "which is not supported: the methods compare task gradients by real dot "
+            "products; keep the real and imaginary parts as two real parameters"
+        )
 
 
 def _keep_factored(layer: nn.Module, input_numel: int, num_tasks: int, factored: str) -> bool:

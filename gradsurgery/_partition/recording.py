@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .._autograd import graph_leaves
@@ -22,6 +23,15 @@ try:
     from torch.compiler import is_compiling  # public from torch 2.3
 except ImportError:  # torch 2.2
     from torch._dynamo import is_compiling
+
+# Autograd nodes of batch normalization: in training mode over more than one sample, each
+# sample's output depends on every other sample of the batch. (InstanceNorm runs batch
+# normalization over a batch of one, which does not mix samples.)
+_BATCH_NORM_NODES = frozenset(
+    getattr(torch._C._functions, name)
+    for name in dir(torch._C._functions)
+    if "BatchNorm" in name and "NoTraining" not in name and "NoUpdate" not in name
+)
 
 
 class Call(NamedTuple):
@@ -62,13 +72,36 @@ class Recorder:
         self.calls: dict[nn.Module, list[Call]] = {}
         self.unrecorded: set[nn.Module] = set()
         self.warned: set[nn.Module] = set()  # layers found unsafe (warned about once)
+        self.replaced = False  # a recording replaced another before its backward
+        self.changed = False  # a layer changed since the plans were made: forget them
         # Exact types: a subclass may override ``forward`` and break the gradient formulas.
         layers = [module for module in model.modules() if type(module) in LAYERS]
-        self.owned = {m: list(m.named_parameters(recurse=False)) for m in layers}
-        self.owner = {id(p): m for m, owned in self.owned.items() for _, p in owned}
+        self.owned: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
+        self.owner: dict[int, nn.Module] = {}
+        # Each layer's type and parameter slots, checked at every step: a parametrization,
+        # weight_norm, spectral_norm or weight tying done after the engine was created
+        # changes one of them.
+        self.layout: dict[nn.Module, tuple[type, list[int]]] = {}
+        # Whether a layer's parameters are the direct inputs of its call, as the gradient
+        # formulas need: the graph walk steps over only those layers' calls. A computed
+        # weight (a parametrization) must be walked through to find what it is computed from.
+        self.direct: dict[nn.Module, bool] = {}
+        for module in layers:
+            self._inspect(module)
         self._handles = [
             module.register_forward_hook(self.on_forward, with_kwargs=True) for module in layers
         ]
+
+    def _inspect(self, module: nn.Module) -> None:
+        """Read (again) which parameters a layer holds."""
+        for _, p in self.owned.get(module, ()):
+            if self.owner.get(id(p)) is module:
+                del self.owner[id(p)]
+        self.owned[module] = list(module.named_parameters(recurse=False))
+        self.owner.update((id(p), module) for _, p in self.owned[module])
+        self.layout[module] = (type(module), list(map(id, module._parameters.values())))
+        rule = LAYERS.get(type(module))
+        self.direct[module] = rule is not None and module._parameters.keys() == rule.parameters
 
     def remove(self) -> None:
         """Remove the hooks and forget the recorded calls."""
@@ -105,17 +138,18 @@ class Recorder:
                 "(engine=None), which works with compiled models, or run the model uncompiled"
             )
         if self.task_sizes is None or not self.calls:
-            raise RuntimeError(
-                "BatchPartitionEngine recorded no forward pass: run the model inside "
-                "`with engine.record(task_sizes):` before the backward (a model compiled by "
-                "torch.compile may skip the engine's hooks: use the default engine with it)"
-            )
+            raise RuntimeError(self._nothing_recorded(losses))
         if len(losses) != len(self.task_sizes):
             raise ValueError(
                 f"{len(losses)} losses for a batch recorded with {len(self.task_sizes)} tasks "
                 f"(task_sizes={self.task_sizes})"
             )
         calls, self.calls = self.calls, {}
+        layout = self.layout
+        for module in calls:
+            kind, slots = layout[module]
+            if type(module) is not kind or list(map(id, module._parameters.values())) != slots:
+                self._changed(module)
         unrecorded = self.unrecorded
         if unrecorded:  # the usual step has none: no set operations
             self.unrecorded = set()
@@ -127,12 +161,64 @@ class Recorder:
                 "their parameters took the slow per-task path this step",
                 stacklevel=4,
             )
-        unsafe, leaves = self._unsafe_layers(losses, calls)
+        replaced, self.replaced = self.replaced, False
+        unsafe, leaves = self._unsafe_layers(losses, calls, replaced)
         slow = (unrecorded | unsafe) & calls.keys() if unrecorded or unsafe else set()
         return calls, slow, leaves
 
+    def _changed(self, module: nn.Module) -> None:
+        """A layer's type or parameters changed since the engine last read them."""
+        before = self.layout[module][0]
+        self._inspect(module)
+        self.changed = True
+        rule = LAYERS.get(type(module))
+        reason = (
+            f"it is now a {type(module).__name__} (a parametrization)"
+            if rule is None
+            else rule.why_slow(module)
+        )
+        what = (
+            f"its parameters take the slow per-task path: {reason}"
+            if reason
+            else "the fast path follows its new parameters (weight tying)"
+        )
+        warnings.warn(
+            f"BatchPartitionEngine: {self._names({module})} ({before.__name__}) changed since "
+            f"the engine read it; {what}",
+            stacklevel=5,
+        )
+
+    def _nothing_recorded(self, losses: Sequence[Tensor]) -> str:
+        """Why no call was recorded, as precisely as the engine can tell."""
+        fix = "run the model inside `with engine.record(task_sizes):` before the backward"
+        if self.task_sizes is None:
+            return f"BatchPartitionEngine recorded no forward pass: {fix}"
+        if not self.owned:
+            return (
+                f"BatchPartitionEngine: the model it was built on ({type(self.model).__name__}) "
+                "has no layer it records (nn.Linear, nn.Embedding, nn.LayerNorm): use the "
+                "default engine (engine=None)"
+            )
+        own = {id(p) for p in self.model.parameters()}
+        if not any(id(leaf) in own for leaf in graph_leaves(losses)):
+            return (
+                "BatchPartitionEngine recorded no forward pass of its model: the losses do not "
+                f"depend on the model the engine was built on ({type(self.model).__name__}); "
+                "build the engine on the model that computes the losses"
+            )
+        if self.unrecorded:
+            return (
+                f"BatchPartitionEngine recorded no forward pass: {self._names(self.unrecorded)} "
+                f"ran outside engine.record() and nothing ran inside it; {fix}"
+            )
+        return (
+            "BatchPartitionEngine recorded no forward pass: no layer ran with grad enabled "
+            "inside engine.record(), or torch.compile skipped the engine's hooks (use the "
+            "default engine with a compiled model)"
+        )
+
     def _unsafe_layers(
-        self, losses: Sequence[Tensor], calls: dict[nn.Module, list[Call]]
+        self, losses: Sequence[Tensor], calls: dict[nn.Module, list[Call]], replaced: bool
     ) -> tuple[set[nn.Module], list[Tensor]]:
         """Recorded layers whose calls do not give their parameters' whole gradient, and the
         leaves the losses reach outside the recorded calls.
@@ -144,13 +230,17 @@ class Recorder:
         its input): a layer parameter still reached is used somewhere else.
         """
         unsafe = {module for module, cs in calls.items() for c in cs if c.modified()}
+        direct = self.direct
         bypass = {
             c.output.grad_fn: c.input.grad_fn
             for module, cs in calls.items()
-            if module not in unsafe
+            if module not in unsafe and direct[module]
             for c in cs
         }
-        leaves = graph_leaves(losses, bypass)
+        batch_norms: list[Any] = []
+        leaves = graph_leaves(losses, bypass, _BATCH_NORM_NODES, batch_norms)
+        if batch_norms:
+            self._refuse_batch_statistics(batch_norms)
         leaves += [
             c.input
             for cs in calls.values()
@@ -159,9 +249,19 @@ class Recorder:
         ]
         for leaf in leaves:  # the second kind: a layer parameter fed to a recorded call
             module = self.owner.get(id(leaf))
-            if module in calls:  # layers without recorded calls take the slow path anyway
+            # Layers without recorded calls, or not stepped over, take the slow path anyway.
+            if module in calls and direct[module]:
                 unsafe.add(module)
-        if unsafe - self.warned:
+        if unsafe and replaced:
+            warnings.warn(
+                "BatchPartitionEngine: engine.record() was entered again before the backward "
+                "of the forward pass it had recorded, whose calls it dropped; the losses also "
+                f"read that first forward pass, so {self._names(unsafe)} take the slow "
+                "per-task path this step. Record a step's whole forward pass in one "
+                "`with engine.record(task_sizes):` block",
+                stacklevel=5,
+            )
+        elif unsafe - self.warned:
             self.warned |= unsafe
             warnings.warn(
                 "BatchPartitionEngine: "
@@ -172,6 +272,26 @@ class Recorder:
                 stacklevel=5,
             )
         return unsafe, leaves
+
+    def _refuse_batch_statistics(self, nodes: list[Any]) -> None:
+        """Raise if a batch normalization in training mode mixed the batch's samples."""
+        for node in nodes:
+            saved = getattr(node, "_saved_input", None)
+            if getattr(node, "_saved_training", True) and (saved is None or saved.shape[0] > 1):
+                layers = [
+                    name
+                    for name, module in self.model.named_modules()
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                ]
+                where = (
+                    f" ({', '.join(layers)}, added after the engine was created)" if layers else ""
+                )
+                raise ValueError(
+                    f"BatchPartitionEngine: a batch normalization in training mode{where} ran "
+                    "in the recorded forward pass; it mixes the samples of different tasks, so "
+                    "one backward pass cannot separate their gradients. Use the default engine "
+                    "(engine=None), or a per-sample normalization (nn.LayerNorm, nn.GroupNorm)"
+                )
 
     def _names(self, modules: set[nn.Module]) -> str:
         names = {module: name for name, module in self.model.named_modules()}
@@ -192,6 +312,8 @@ class Recording:
 
     def __enter__(self):  # -> the engine (typed by the engine's record())
         recorder = self.recorder
+        if recorder.calls:  # recorded, and not yet taken by a backward
+            recorder.replaced = True
         recorder.task_sizes = self.sizes
         recorder.calls = {}
         recorder.compiled = False
