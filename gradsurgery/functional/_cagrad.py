@@ -14,6 +14,8 @@ __all__ = ["cagrad_weights"]
 
 CAGRAD_RESCALES = (0, 1, 2)
 _MAX_ITER = 200
+# ||g_w|| at or below this, with the largest task gradient of norm 1, counts as zero.
+_VANISHING_NORM = 1e-8
 
 
 def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tensor:
@@ -43,8 +45,9 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
     -------
     Tensor
         ``[T]`` float64 weights ``1 / T + (c ||g_0|| / ||g_w||) w``, rescaled; the mean
-        weights (rescaled) when ``g_0 = 0`` or ``g_w = 0`` (no direction in the ball does better
-        than ``g_0``, as the official code's ``1e-8`` guards give).
+        weights (rescaled) when ``g_0 = 0`` or ``g_w`` vanishes (below ``1e-8`` times the largest
+        gradient norm: 0 is in the hull of the gradients and no direction in the ball does
+        better than ``g_0`` on every task; the official code's ``1e-8`` guards give the same).
 
     Raises
     ------
@@ -87,7 +90,11 @@ def _ball_step(G: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:
     if solution is None:
         solution = problem.solve_by_bracketing()
     w, norm = solution
-    return (problem.radius / norm) * w if norm > 0 else np.zeros_like(mean)
+    # The official code divides by ||g_w|| + 1e-8: a vanishing g_w (0 in the hull, and no
+    # direction in the ball beats g_0 on every task) leaves g_0. The same guard, at unit scale.
+    if norm <= _VANISHING_NORM:
+        return np.zeros_like(mean)
+    return (problem.radius / norm) * w
 
 
 class _ShiftedHull:

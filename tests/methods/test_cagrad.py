@@ -1,0 +1,158 @@
+"""CAGrad: the exact dual solution against torchjd (Clarabel), the official code (SLSQP) and the
+primal problem it solves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+from torchjd.aggregation._cagrad import CAGradWeighting
+
+from gradsurgery._weighting import Needs, TaskStats
+from gradsurgery.functional import cagrad_weights
+from gradsurgery.methods.cagrad import CAGrad
+
+from ._gramian_properties import direction_error, jacobians, permutations
+from ._jacobians import cases
+
+
+def official_direction(J: torch.Tensor, c: float, rescale: int) -> torch.Tensor:
+    """The official code's ``cagrad`` (Cranial-XIX/CAGrad, nyuv2/utils.py), on J itself."""
+    grads = J.T  # [P, T] as the official code holds them
+    GG = grads.t().mm(grads)
+    T = J.shape[0]
+    g0_norm = (GG.mean() + 1e-8).sqrt()
+    x_start = np.ones(T) / T
+    A = GG.numpy()
+    coefficient = (c * g0_norm + 1e-8).item()
+
+    def objective(x):
+        return x @ A @ x_start + coefficient * np.sqrt(x @ A @ x + 1e-8)
+
+    result = minimize(
+        objective,
+        x_start,
+        bounds=[(0, 1)] * T,
+        constraints={"type": "eq", "fun": lambda x: 1 - sum(x)},
+    )
+    gw = grads @ torch.from_numpy(result.x)
+    g = grads.mean(1) + coefficient / (gw.norm() + 1e-8) * gw
+    return g / (1.0, 1 + c**2, 1 + c)[rescale]
+
+
+def worst_case_gain(J: torch.Tensor, d: torch.Tensor) -> float:
+    return float((J @ d).min())
+
+
+@pytest.mark.parametrize(("name", "J"), cases())
+@pytest.mark.parametrize("c", [0.1, 0.4, 0.9])
+def test_agrees_with_torchjd(name, J, c):
+    """torchjd solves the same dual with Clarabel (no rescale); it returns zero weights when
+    the dual's g_w vanishes (where ours returns the mean direction, as the official code)."""
+    G = J @ J.T
+    theirs = CAGradWeighting(c)(G)
+    if float(theirs.abs().sum()) == 0:
+        return
+    ours = cagrad_weights(G, c, rescale=0)
+    assert direction_error(J, ours, theirs) < 1e-4, name
+
+
+@pytest.mark.parametrize(("name", "J"), [c for c in cases() if "random" in c[0] or "ill" in c[0]])
+@pytest.mark.parametrize("rescale", [0, 1, 2])
+def test_agrees_with_the_official_code(name, J, rescale):
+    """SLSQP stops at its default tolerance: on well-conditioned gradients the directions agree
+    to 2e-3 of the gradients' size; on ill-conditioned ones SLSQP may stop earlier, and then
+    ours gains as much on the worst task (the official radius carries a 1e-8 guard, worth about
+    1e-8 of gain)."""
+    ours = J.T @ cagrad_weights(J @ J.T, 0.4, rescale=rescale)
+    theirs = official_direction(J, 0.4, rescale)
+    scale = float(J.norm(dim=1).max())
+    if "random" in name:
+        assert float((ours - theirs).norm()) < 2e-3 * scale, name
+    assert worst_case_gain(J, ours) >= worst_case_gain(J, theirs) - 1e-6 * scale**2, name
+
+
+@given(jacobians(), st.sampled_from([0, 1, 2]))
+def test_c_zero_is_the_mean(J, rescale):
+    G = J @ J.T
+    T = J.shape[0]
+    assert cagrad_weights(G, 0.0, rescale=rescale).tolist() == [1 / T] * T
+
+
+@given(jacobians(full_rank=True, spread=1.0), st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
+def test_solves_the_primal_problem(J, c, seed):
+    """d maximizes min_i g_i . d over the ball ||d - g_0|| <= c ||g_0||: it lies in the ball,
+    and no other point of the ball (random ones, its boundary included) does better. (With
+    linearly independent gradients 0 is not in their hull, so the dual's g_w is not zero.)"""
+    G = J @ J.T
+    d = J.T @ cagrad_weights(G, c, rescale=0)
+    g0 = J.mean(dim=0)
+    radius = c * float(g0.norm())
+    scale = float(J.norm(dim=1).max())
+    assert float((d - g0).norm()) <= radius + 1e-9 * scale
+    best = worst_case_gain(J, d)
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        u = torch.from_numpy(rng.standard_normal(J.shape[1]))
+        other = g0 + radius * rng.uniform() ** (1 / J.shape[1]) * u / u.norm()
+        assert worst_case_gain(J, other) <= best + 1e-8 * scale**2
+
+
+@given(jacobians().flatmap(lambda J: st.tuples(st.just(J), permutations(J.shape[0]))))
+def test_permuting_the_tasks_permutes_the_direction(case):
+    J, permutation = case
+    G = J @ J.T
+    d = J.T @ cagrad_weights(G)
+    d_permuted = J[permutation].T @ cagrad_weights(G[permutation][:, permutation])
+    assert float((d - d_permuted).norm()) <= 1e-6 * float(J.norm(dim=1).max())
+
+
+@given(jacobians(), st.floats(1e-4, 1e4))
+def test_scaling_the_gradients_scales_the_direction(J, factor):
+    G = J @ J.T
+    d = J.T @ cagrad_weights(G)
+    d_scaled = (factor * J).T @ cagrad_weights(factor**2 * G)
+    assert float((d_scaled - factor * d).norm()) <= 1e-6 * factor * float(J.norm(dim=1).max())
+
+
+def test_rescale_options_divide_the_unscaled_weights():
+    G = torch.tensor([[1.0, -0.5], [-0.5, 4.0]], dtype=torch.float64)
+    plain = cagrad_weights(G, 0.5, rescale=0)
+    torch.testing.assert_close(cagrad_weights(G, 0.5, rescale=1), plain / 1.25)
+    torch.testing.assert_close(cagrad_weights(G, 0.5, rescale=2), plain / 1.5)
+
+
+def test_degenerate_cases():
+    # T = 1: the best point of the ball is (1 + c) g.
+    torch.testing.assert_close(
+        cagrad_weights(torch.ones(1, 1), 0.4, rescale=0), torch.tensor([1.4], dtype=torch.float64)
+    )
+    assert cagrad_weights(torch.zeros(3, 3), rescale=0).tolist() == [1 / 3] * 3
+    opposed = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # g_0 = 0: nothing to improve on
+    assert cagrad_weights(opposed, rescale=0).tolist() == [0.5, 0.5]
+    # 0 in the hull and g_0 orthogonal to the opposed pair: g_w = 0, the mean direction.
+    J = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    d = J.T @ cagrad_weights(J @ J.T, 0.4, rescale=0)
+    torch.testing.assert_close(d, J.mean(dim=0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"c": -0.1}, "c must be"), ({"c": float("inf")}, "c must be"), ({"rescale": 3}, "rescale")],
+)
+def test_bad_options_raise(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        cagrad_weights(torch.eye(2), **kwargs)
+    with pytest.raises(ValueError, match=error):
+        CAGrad(**kwargs)
+
+
+def test_method():
+    method = CAGrad(0.5, rescale=2)
+    assert method.needs == Needs.GRAMIAN
+    stats = TaskStats(losses=(1.0, 2.0), gramian_rows=[[1.0, -0.5], [-0.5, 4.0]])
+    assert method.decide(stats).weights == cagrad_weights(stats.gramian, 0.5, rescale=2).tolist()
+    assert repr(method) == "CAGrad(c=0.5, rescale=2)"
