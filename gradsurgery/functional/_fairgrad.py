@@ -93,31 +93,126 @@ def fairgrad_weights(
     max_norm = check_real(max_norm, "max_norm", low=0.0)
     tol = check_real(tol, "tol", low=0.0, low_open=True)
     max_iter = check_count(max_iter, "max_iter")
-    weights = _fairgrad_weights(G, alpha, rescale, max_norm, tol, max_iter)
-    return torch.from_numpy(weights)
+    weights = _fairgrad_weights(G.tolist(), alpha, rescale, max_norm, tol, max_iter)
+    return torch.tensor(weights, dtype=torch.float64)
 
 
 def _fairgrad_weights(
-    G: np.ndarray, alpha: float, rescale: bool, max_norm: float, tol: float, max_iter: int
-) -> np.ndarray:
-    num_tasks = G.shape[0]
+    gram: list[list[float]],
+    alpha: float,
+    rescale: bool,
+    max_norm: float,
+    tol: float,
+    max_iter: int,
+) -> list[float]:
+    """The weights, from the Gramian as ``T`` lists of ``T`` floats."""
+    num_tasks = len(gram)
     if alpha == 0.0:  # linear scalarization (Section 3 of the paper)
-        weights = np.full(num_tasks, 1.0 / num_tasks)
+        weights = [1.0 / num_tasks] * num_tasks
     else:
-        weights = np.zeros(num_tasks)
-        active = np.flatnonzero(G.diagonal() > 0)
-        if active.size:
-            weights[active] = _solve(G[np.ix_(active, active)], alpha, tol, max_iter)
+        weights = [0.0] * num_tasks
+        active = [i for i in range(num_tasks) if gram[i][i] > 0]
+        if active:
+            sub = [[gram[i][k] for k in active] for i in active]
+            solve = _solve_python if len(active) <= _PYTHON_MAX_TASKS else _solve_numpy
+            for i, weight in zip(active, solve(sub, alpha, tol, max_iter), strict=True):
+                weights[i] = weight
     if rescale:
-        weights *= num_tasks
+        weights = [num_tasks * weight for weight in weights]
     if max_norm > 0:
-        norm = math.sqrt(max(float(weights @ G @ weights), 0.0))
-        weights *= min(1.0, max_norm / (norm + _CLIP_EPS))
+        products = (sum(map(float.__mul__, row, weights)) for row in gram)  # G w
+        squared = sum(map(float.__mul__, weights, products))
+        factor = min(1.0, max_norm / (math.sqrt(max(squared, 0.0)) + _CLIP_EPS))
+        weights = [factor * weight for weight in weights]
     return weights
 
 
-def _solve(G: np.ndarray, alpha: float, tol: float, max_iter: int) -> np.ndarray:
+def _no_root(max_iter: int) -> ValueError:
+    return ValueError(
+        "FairGrad found no positive solution of G w = w^(-1/alpha) within "
+        f"{max_iter} Newton steps: the task gradients are (close to) Pareto-stationary, some "
+        "nonnegative combination of them is zero (e.g. two exactly opposite gradients), so no "
+        "update improves every task. Skip this step, or use a method defined there (MGDA gives "
+        "a zero update)"
+    )
+
+
+# Up to this many tasks the Newton steps run on Python floats: for a 3 x 3 system, a NumPy call
+# costs more than the arithmetic it does.
+_PYTHON_MAX_TASKS = 6
+
+
+def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: int) -> list[float]:
+    """:func:`_solve_numpy`'s iteration, on Python floats (Cholesky for the Newton system)."""
+    n = len(gram)
+    scale = max(gram[i][i] for i in range(n))
+    A = [[entry / scale for entry in row] for row in gram]
+    p = 1.0 / alpha
+    w = [A[i][i] ** (-1.0 / (1.0 + p)) for i in range(n)]
+
+    def objective(x: list[float]) -> float:
+        quadratic = sum(xi * sum(map(float.__mul__, row, x)) for xi, row in zip(x, A, strict=True))
+        if p == 1.0:
+            return 0.5 * quadratic - sum(map(math.log, x))
+        return 0.5 * quadratic + sum(xi ** (1.0 - p) for xi in x) / (p - 1.0)
+
+    value = objective(w)
+    for _ in range(max_iter):
+        target = [wi**-p for wi in w]
+        residual = [sum(map(float.__mul__, row, w)) - ti for row, ti in zip(A, target, strict=True)]
+        converged = all(abs(r) <= tol * ti for r, ti in zip(residual, target, strict=True))
+        hessian = [row[:] for row in A]
+        for i in range(n):
+            hessian[i][i] += p * target[i] / w[i]
+        step = _cholesky_solve(hessian, [-r for r in residual])
+        if step is None:  # the weights grew until the barrier vanished: no root
+            break
+        if converged:  # one more full step: Newton's quadratic rate takes it to rounding level
+            polished = [wi + si for wi, si in zip(w, step, strict=True)]
+            w = polished if min(polished) > 0 else w
+            return [wi * scale ** (-alpha / (1.0 + alpha)) for wi in w]
+        decrease = sum(map(float.__mul__, residual, step))
+        t = 1.0
+        for wi, si in zip(w, step, strict=True):
+            if si < 0:
+                t = min(t, 0.99 * wi / -si)
+        close = -decrease <= 1e-8 * (abs(value) + 1.0)
+        while True:
+            candidate = [wi + t * si for wi, si in zip(w, step, strict=True)]
+            candidate_value = objective(candidate)
+            if close or candidate_value <= value + 0.25 * t * decrease or t < 1e-12:
+                break
+            t *= 0.5
+        w, value = candidate, candidate_value
+    raise _no_root(max_iter)
+
+
+def _cholesky_solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """``matrix^-1 rhs`` for a symmetric positive definite ``matrix``; ``None`` if it is not."""
+    n = len(matrix)
+    lower = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1):
+            total = matrix[i][j] - sum(lower[i][k] * lower[j][k] for k in range(j))
+            if i == j:
+                if not total > 0:
+                    return None
+                lower[i][i] = math.sqrt(total)
+            else:
+                lower[i][j] = total / lower[j][j]
+    forward = [0.0] * n
+    for i in range(n):
+        forward[i] = (rhs[i] - sum(lower[i][k] * forward[k] for k in range(i))) / lower[i][i]
+    solution = [0.0] * n
+    for i in reversed(range(n)):
+        back = sum(lower[k][i] * solution[k] for k in range(i + 1, n))
+        solution[i] = (forward[i] - back) / lower[i][i]
+    return solution
+
+
+def _solve_numpy(gram: list[list[float]], alpha: float, tol: float, max_iter: int) -> list[float]:
     """The positive root of ``G w = w^(-1/alpha)``, for a Gramian with a positive diagonal."""
+    G = np.array(gram)
     scale = float(G.diagonal().max())
     A = G / scale
     p = 1.0 / alpha
@@ -143,7 +238,7 @@ def _solve(G: np.ndarray, alpha: float, tol: float, max_iter: int) -> np.ndarray
         if converged:  # one more full step: Newton's quadratic rate takes it to rounding level
             polished = w + step
             w = polished if (polished > 0).all() else w
-            return w * scale ** (-alpha / (1.0 + alpha))
+            return (w * scale ** (-alpha / (1.0 + alpha))).tolist()
         decrease = float(residual @ step)  # < 0: the Hessian is positive definite
         # Stay inside w > 0, then backtrack until the objective decreases enough (Armijo).
         shrinking = step < 0
@@ -161,10 +256,4 @@ def _solve(G: np.ndarray, alpha: float, tol: float, max_iter: int) -> np.ndarray
                 break
             t *= 0.5
         w, value = candidate, candidate_value
-    raise ValueError(
-        "FairGrad found no positive solution of G w = w^(-1/alpha) within "
-        f"{max_iter} Newton steps: "
-        "the task gradients are (close to) Pareto-stationary, some nonnegative combination of "
-        "them is zero (e.g. two exactly opposite gradients), so no update improves every task. "
-        "Skip this step, or use a method defined there (MGDA gives a zero update)"
-    )
+    raise _no_root(max_iter)

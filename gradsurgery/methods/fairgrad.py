@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from .._weighting import Decision, Method, Needs, TaskStats
 from ..functional._fairgrad import _fairgrad_weights
 from ..functional._gramians import check_count, check_real
@@ -64,11 +62,10 @@ class FairGrad(Method):
         self.max_iter = check_count(max_iter, "max_iter")
 
     def decide(self, stats: TaskStats) -> Decision:
-        G = np.array(stats.gramian_rows, dtype=np.float64)
         weights = _fairgrad_weights(
-            G, self.alpha, self.rescale, self.max_norm, self.tol, self.max_iter
+            stats.gramian_rows, self.alpha, self.rescale, self.max_norm, self.tol, self.max_iter
         )
-        return Decision(weights=weights.tolist())
+        return Decision(weights=weights)
 
     def __repr__(self) -> str:
         return (

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torchjd.aggregation._fairgrad import FairGradWeighting
 
 from gradsurgery._weighting import Needs, TaskStats
-from gradsurgery.functional._fairgrad import fairgrad_weights
+from gradsurgery.functional._fairgrad import _solve_numpy, _solve_python, fairgrad_weights
 from gradsurgery.methods.fairgrad import FairGrad
 
 from ._jacobians import cases, random_jacobian
@@ -200,3 +200,11 @@ def test_decide_matches_the_functional():
     assert method.needs is Needs.GRAMIAN and method.unshared == "sum"
     assert method.state_dict() == {}
     assert repr(method).startswith("FairGrad(alpha=2.0, rescale=True, max_norm=1.0")
+
+
+@given(st.builds(random_jacobian, st.integers(1, 6), st.integers(0, 2**31 - 1)), alphas)
+def test_the_python_and_numpy_solvers_agree(J, alpha):
+    gram = (J @ J.T).tolist()
+    python = _solve_python(gram, alpha, 1e-8, 100)
+    numpy = _solve_numpy(gram, alpha, 1e-8, 100)
+    np.testing.assert_allclose(python, numpy, rtol=1e-9)
