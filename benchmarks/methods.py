@@ -76,15 +76,19 @@ def plain(model: nn.Module, batches: list[Batch]) -> Step:
     return step
 
 
-def _losses_fn(model: nn.Module, fast: bool) -> tuple[Callable[[Batch], list], dict]:
+def _losses_fn(
+    model: nn.Module, fast: bool, verify: str = "first"
+) -> tuple[Callable[[Batch], list], dict]:
     """How a gradsurgery step computes its losses, and the ``engine=`` option to pass.
 
     With the batch-partition engine the forward pass runs inside ``engine.record(task_sizes)``,
-    which tells the engine which rows belong to which task.
+    which tells the engine which rows belong to which task. ``verify`` is the engine's check
+    against per-task autograd: ``"first"`` (its default) on the first step of each recording
+    pattern, which the warm-up steps take; ``"always"`` at every step.
     """
     if not fast:
         return (lambda batch: task_losses(model, batch)), {}
-    engine = gs.BatchPartitionEngine(model)
+    engine = gs.BatchPartitionEngine(model, verify=verify)
 
     def recorded_losses(batch: Batch) -> list[torch.Tensor]:
         with engine.record(task_sizes=batch.task_sizes):
@@ -93,9 +97,11 @@ def _losses_fn(model: nn.Module, fast: bool) -> tuple[Callable[[Batch], list], d
     return recorded_losses, {"engine": engine}
 
 
-def gs_pcgrad(model: nn.Module, batches: list[Batch], fast: bool = False) -> Step:
+def gs_pcgrad(
+    model: nn.Module, batches: list[Batch], fast: bool = False, verify: str = "first"
+) -> Step:
     """gradsurgery's PCGrad, default (per-task autograd) engine or the batch-partition one."""
-    losses, options = _losses_fn(model, fast)
+    losses, options = _losses_fn(model, fast, verify)
     optimizer, next_batch = gs.PCGrad(_adam(model), **options), _cycle(batches)
 
     def step() -> None:
@@ -209,6 +215,12 @@ METHODS: dict[str, MethodSpec] = {
             "gs-gradnorm-fast",
             "gradsurgery GradNorm, batch-partition engine",
             lambda m, b: gs_gradnorm(m, b, fast=True),
+            needs="fast",
+        ),
+        MethodSpec(
+            "gs-pcgrad-fast-checked",
+            "diagnostic: batch-partition PCGrad, checked against autograd every step",
+            lambda m, b: gs_pcgrad(m, b, fast=True, verify="always"),
             needs="fast",
         ),
         MethodSpec(
