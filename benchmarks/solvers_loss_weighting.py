@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 import timeit
 from collections.abc import Callable
@@ -75,6 +77,14 @@ def time_step(method: Method, num_tasks: int, number: int, repeat: int) -> dict[
     return {"median_us": statistics.median(blocks), "min_us": min(blocks)}
 
 
+def _commit() -> str:
+    command = ["git", "rev-parse", "--short", "HEAD"]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--number", type=int, default=500, help="calls per timed block")
@@ -93,10 +103,13 @@ def main() -> None:
         "clock": "time.thread_time",
         "number": args.number,
         "repeat": args.repeat,
+        "commit": _commit(),
+        "load_average_1min": os.getloadavg()[0],  # other processes share the cores
         "machine": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
         },
         "rows": rows,
     }
@@ -111,7 +124,10 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (args.out / "solvers_loss_weighting.md").write_text(
         "Median CPU time of `decide()` + `commit()` per step (`python "
-        "benchmarks/solvers_loss_weighting.py`).\n\n" + "\n".join(lines) + "\n"
+        f"benchmarks/solvers_loss_weighting.py` at {result['commit']}, 1-minute load average "
+        f"{result['load_average_1min']:.1f} on {os.cpu_count()} CPUs).\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 
