@@ -341,3 +341,23 @@ def prepare_folder(plan: RunPlan) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def tidy_killed_run(run_dir: Path, columns: dict[str, list[str]]) -> str:
+    """Bring the folder of a run killed mid-write back to its last checkpoint; say what it holds.
+
+    Only for a run whose writer is dead: removes a temporary checkpoint and the log rows the
+    checkpoint does not count (the resume would redo their work anyway).
+    """
+    (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return "killed before its first checkpoint (--resume starts it again)"
+    try:
+        state = load_checkpoint(path)["state"]
+        for name, header in columns.items():
+            rows = state["episode_rows"] if name == "episodes.csv" else state["eval_rows"]
+            check_log(run_dir / name, header, rows, repair=True)
+    except RunError as err:
+        return f"killed; {err}"
+    return f"killed, its checkpoint holds {state['episode']} episodes"

@@ -77,9 +77,18 @@ def on_stop_signals(first: Callable[[str], None], again: Callable[[str], None]) 
             signal.signal(s, old)
 
 
-def watch_in_worker(flag: StopFlag, stop_event, parent_pid: int, poll_s: float = 1.0) -> None:
-    """In a worker process: Ctrl-C is the main process's business; a SIGTERM, the main
-    process's stop event, or the main process's death set `flag`."""
+def watch_in_worker(
+    flag: StopFlag,
+    stop_event,
+    parent_pid: int,
+    idle: threading.Event,
+    poll_s: float = 1.0,
+    grace_s: float = 60.0,
+) -> None:
+    """In a worker process: Ctrl-C is the main process's business; a SIGTERM or the main
+    process's stop event set `flag`. If the main process dies, the worker sets `flag`, waits
+    (at most `grace_s`) until its run has stopped (`idle` is set between runs) and exits:
+    nobody is left to hand it another run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: flag.set("SIGTERM"))
 
@@ -87,7 +96,8 @@ def watch_in_worker(flag: StopFlag, stop_event, parent_pid: int, poll_s: float =
         while not stop_event.wait(poll_s):
             if os.getppid() != parent_pid:
                 flag.set("the study's main process ended")
-                return
+                idle.wait(grace_s)
+                os._exit(1)
         flag.set("stop requested")
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import random
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -53,9 +54,11 @@ from runfiles import (
     RunLock,
     RunPlan,
     check_log,
+    folder_contents,
     plan_run,
     prepare_folder,
     save_atomic,
+    tidy_killed_run,
 )
 from stopping import EXIT_CODES, StopFlag, Stopped, on_stop_signals, watch_in_worker
 from tqdm import tqdm
@@ -456,18 +459,24 @@ def log_tensorboard(writer, row: dict, episode: int) -> None:
 
 _worker_position = 0
 _worker_stop = StopFlag()
+_worker_idle = threading.Event()  # set while the worker runs nothing
 
 
 def _init_worker(positions, stop_event, parent_pid: int) -> None:
     global _worker_position
     _worker_position = positions.get()  # a fixed progress-bar line per worker process
-    watch_in_worker(_worker_stop, stop_event, parent_pid)
+    _worker_idle.set()
+    watch_in_worker(_worker_stop, stop_event, parent_pid, _worker_idle)
 
 
 def _train_in_worker(cfg: Config, resume: bool, overwrite: bool) -> dict | None:
     if _worker_stop:  # queued before the stop: leave it untouched
         return None
-    return train(cfg, resume, overwrite, position=_worker_position, stop=_worker_stop)
+    _worker_idle.clear()
+    try:
+        return train(cfg, resume, overwrite, position=_worker_position, stop=_worker_stop)
+    finally:
+        _worker_idle.set()
 
 
 @dataclasses.dataclass
@@ -547,8 +556,12 @@ def run_many(
                     outcome.not_started.append(cfg)
                 elif isinstance(error, Stopped):
                     outcome.stopped.append(str(error))
-                elif isinstance(error, BrokenProcessPool):
-                    outcome.stopped.append(f"{cfg.config_name} seed {cfg.seed}: killed")
+                elif isinstance(error, BrokenProcessPool):  # killed by a second Ctrl-C
+                    if not folder_contents(cfg.run_dir):
+                        outcome.not_started.append(cfg)
+                    else:
+                        what = tidy_killed_run(cfg.run_dir, LOG_COLUMNS)
+                        outcome.stopped.append(f"{cfg.config_name} seed {cfg.seed}: {what}")
                 elif error is not None:
                     outcome.failed.append((cfg, f"{type(error).__name__}: {error}"))
                     bar.write(f"FAILED {cfg.config_name} seed {cfg.seed}: {error}")
