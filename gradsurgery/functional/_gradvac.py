@@ -1,6 +1,7 @@
 """GradVac (Wang et al. 2021): gradient vaccine, computed on the Gramian."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: Sphinx resolves the evaluated ``tuple[Tensor,
+# Tensor]`` return type, not its string form.
 
 import functools
 import math
