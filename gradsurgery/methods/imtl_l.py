@@ -20,8 +20,8 @@ class IMTLL(LearnedLossWeighting):
     weighting with ``s -> -s`` and a factor 2 (same weights up to that factor, same optima).
 
     ``s`` is a ``torch.nn.Parameter`` (:attr:`log_scales`) trained by *your* optimizer, as in
-    the paper: add :meth:`parameters` to it. The wrapper refuses an IMTLL whose parameters its
-    optimizer does not hold.
+    the paper: add :meth:`parameters` to it (nothing else steps them: left out, they keep their
+    initial value).
 
     Parameters
     ----------

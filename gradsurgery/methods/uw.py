@@ -20,8 +20,8 @@ class UW(LearnedLossWeighting):
     ``s_i = log L_i``, so each task's weight settles at ``1 / (2 L_i)``.
 
     ``s`` is a ``torch.nn.Parameter`` (:attr:`log_variances`) trained by *your* optimizer, as in
-    the paper: add :meth:`parameters` to it. The wrapper refuses a UW whose parameters its
-    optimizer does not hold.
+    the paper: add :meth:`parameters` to it (nothing else steps them: left out, they keep their
+    initial value).
 
     Parameters
     ----------
