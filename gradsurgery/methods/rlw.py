@@ -53,15 +53,8 @@ class RLW(Method):
         self.generator = generator
 
     def decide(self, stats: TaskStats) -> Decision:
-        # Draw, then put the generator back: the new state is committed only with the step.
-        before = self.generator.get_state()
-        weights = _rlw_weights(stats.num_tasks, self.distribution, self.generator)
-        after = self.generator.get_state()
-        self.generator.set_state(before)
-        return Decision(weights=weights, state=after)
-
-    def commit(self, state: Any) -> None:
-        self.generator.set_state(state)
+        # Drawn in place: the update pipeline puts the generator back if the step is refused.
+        return Decision(weights=_rlw_weights(stats.num_tasks, self.distribution, self.generator))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -12,7 +12,7 @@ from gradsurgery._weighting import Needs
 from gradsurgery.functional import rlw_weights
 from gradsurgery.methods.rlw import RLW
 
-from ._loss_weighting import assert_close, assert_resumes_bit_exactly, decide, saved, step
+from ._loss_weighting import assert_close, assert_resumes_bit_exactly, saved, step
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3, 10])
@@ -53,13 +53,25 @@ def test_dirichlet_is_uniform_on_the_simplex():
     assert_close(draws.var(0).tolist(), [1 / 18] * 3, rtol=0, atol=0.01)
 
 
-def test_an_uncommitted_step_leaves_the_generator_alone():
+def test_every_step_draws_afresh():
     method = RLW(generator=torch.Generator().manual_seed(3))
     assert method.needs is Needs.LOSSES
-    first = decide(method, [1.0, 1.0]).weights
-    assert decide(method, [1.0, 1.0]).weights == first  # not committed: the same draw again
-    method.commit(decide(method, [1.0, 1.0]).state)
-    assert decide(method, [1.0, 1.0]).weights != first
+    first = step(method, [1.0, 1.0])
+    assert step(method, [1.0, 1.0]) != first
+
+
+def test_a_step_refused_after_the_draw_leaves_the_generator_alone():
+    """The pipeline refuses a gradient that is not finite after the method drew its weights:
+    the generator is put back, so the next step draws what this one drew."""
+    import gradsurgery as gs
+
+    method = RLW(generator=torch.Generator().manual_seed(3))
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = gs.MultiTaskOptimizer(torch.optim.SGD([p], lr=0.1), method)
+    state = method.generator.get_state()
+    with pytest.raises(ValueError):
+        optimizer.backward([p.sum().sqrt(), p.sum()])  # sqrt at 0: a finite loss, an Inf gradient
+    assert torch.equal(method.generator.get_state(), state)
 
 
 @pytest.mark.parametrize("distribution", ["normal", "dirichlet"])
