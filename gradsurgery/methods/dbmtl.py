@@ -32,7 +32,8 @@ class DBMTL(Method):
     The authors' code averages the gradient vectors and combines the averages; this method
     averages the norms and combines the current gradients (``T`` numbers of state, not
     ``T x P``). Both give the same update as long as no task's gradient changes direction from
-    step to step, and at every step with ``beta=0``.
+    step to step, and at every step with ``beta=0``. Task-specific parameters get the same
+    weights here, the plain log-loss gradient in the authors' code.
 
     Examples
     --------
