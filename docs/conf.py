@@ -113,3 +113,31 @@ plot_rcparams = {"figure.autolayout": False, "savefig.bbox": "tight"}
 # -- MyST (Markdown pages: the changelog, the study and benchmark results) -----------------
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
+
+
+# -- wide figures -------------------------------------------------------------------------------
+# The study's figures (report.py) put four panels in a row, 2400 x 480 px: squeezed to the text
+# column, their labels would be a few pixels high. Every image wider than the column links to
+# its full-size file (Sphinx links the images it scales, hence scale 100), and the widest are
+# shown by custom.css at a readable width in a frame that scrolls sideways.
+COLUMN_PX = 800
+WIDE_FIGURE_PX = 1600
+
+
+def _link_wide_images(app, doctree, docname):
+    import imagesize
+    from docutils import nodes
+
+    for image in doctree.findall(nodes.image):
+        path = Path(app.srcdir, image["uri"])
+        if "scale" in image or not path.is_file():
+            continue
+        width, _ = imagesize.get(path)
+        if width > COLUMN_PX:
+            image["scale"] = 100
+        if width >= WIDE_FIGURE_PX:
+            image["classes"].append("gs-wide-figure")
+
+
+def setup(app):
+    app.connect("doctree-resolved", _link_wide_images)

@@ -63,11 +63,14 @@ class MultiTaskRegression(L.LightningModule):
         if method not in ("pcgrad", "gradnorm"):
             raise ValueError(f"method must be 'pcgrad' or 'gradnorm', got {method!r}")
         self.save_hyperparameters()
-        self.automatic_optimization = False  # the method, not Lightning, calls for gradients
+        self.automatic_optimization = False  # the method asks for the gradients itself
         self.net = nn.Sequential(
-            nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(FEATURES, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),  # GradNorm balances the gradient norms here
+            nn.ReLU(),
             nn.Linear(hidden, NUM_TASKS),  # column t is task t's prediction
-        )  # fmt: skip
+        )
         # One backward pass for all tasks: hooks on the Linear layers split it by rows.
         self.engine = gs.BatchPartitionEngine(self.net)
         self.gradnorm = None
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", default="1")
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
     args = parser.parse_args(argv)
 
     L.seed_everything(args.seed, verbose=False)
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator=args.accelerator,
         devices=int(args.devices) if args.devices.isdigit() else args.devices,
         strategy=args.strategy,
+        precision=args.precision,
     )
     trainer.fit(model, data, ckpt_path=args.resume)
 
