@@ -7,6 +7,10 @@ gradients' cost. This times exactly that at T = 3, 10 and 50 tasks, with the thr
 median of repeated blocks of calls, on Gramians of random Jacobians that change every call.
 
     python benchmarks/solvers_gradient_methods.py   # writes results/solvers_gradient_methods.*
+
+torchjd 0.18's implementations are timed on the same inputs for reference (``--no-torchjd``
+skips them): FairGrad's and GradVac's weightings on the Gramian, ConFIG and GradDrop on the
+Jacobian (ConFIG reads it whole; gradsurgery's reads the Gramian).
 """
 
 from __future__ import annotations
@@ -84,6 +88,42 @@ def time_step(method: Method, num_tasks: int, number: int, repeat: int) -> dict[
     return {"median_us": statistics.median(blocks), "min_us": min(blocks)}
 
 
+def time_torchjd(name: str, num_tasks: int, number: int, repeat: int) -> dict[str, float]:
+    """The same step with torchjd 0.18's implementation, on the same inputs (float64)."""
+    from torchjd.aggregation import ConFIG as TorchjdConFIG
+    from torchjd.aggregation import GradDrop as TorchjdGradDrop
+    from torchjd.aggregation._fairgrad import FairGradWeighting
+    from torchjd.aggregation._gradvac import GradVacWeighting
+
+    g = torch.Generator().manual_seed(num_tasks)
+    if name == "GradDrop":
+        inputs = [torch.randn(num_tasks, GRADDROP_PARAMS, generator=g)]
+        step = TorchjdGradDrop()
+    else:
+        jacobians = [
+            torch.randn(num_tasks, 4 * num_tasks, dtype=torch.float64, generator=g)
+            for _ in range(64)
+        ]
+        if name == "ConFIG":  # torchjd's ConFIG reads the Jacobian itself
+            inputs, step = jacobians, TorchjdConFIG()
+        else:
+            inputs = [J @ J.T for J in jacobians]
+            step = FairGradWeighting(1.0) if name == "FairGrad" else GradVacWeighting()
+    calls = iter(range(10**12))
+
+    def one_step() -> None:
+        step(inputs[next(calls) % len(inputs)])
+
+    for _ in range(5):
+        one_step()
+    timer = timeit.Timer(one_step, timer=time.thread_time)
+    blocks = [t / number * 1e6 for t in timer.repeat(number=number, repeat=repeat)]
+    return {"median_us": statistics.median(blocks), "min_us": min(blocks)}
+
+
+TORCHJD = ("FairGrad", "ConFIG", "GradVac", "GradDrop")
+
+
 def _commit() -> str:
     command = ["git", "rev-parse", "--short", "HEAD"]
     try:
@@ -97,6 +137,9 @@ def main() -> None:
     parser.add_argument("--number", type=int, default=50, help="calls per timed block")
     parser.add_argument("--repeat", type=int, default=9, help="timed blocks per case")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-torchjd", dest="torchjd", action="store_false", help="skip torchjd's timings"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -106,6 +149,16 @@ def main() -> None:
             timing = time_step(build(num_tasks), num_tasks, number, args.repeat)
             rows.append({"method": name, "tasks": num_tasks, "number": number, **timing})
             print(f"{name:28s} T={num_tasks:3d} {timing['median_us']:10.1f} us", flush=True)
+    if args.torchjd:
+        for name in TORCHJD:
+            for num_tasks in TASKS:
+                number = args.number if num_tasks < 50 else max(1, args.number // 10)
+                timing = time_torchjd(name, num_tasks, number, args.repeat)
+                label = f"torchjd {name}" + (
+                    f" (P = {GRADDROP_PARAMS})" if name == "GradDrop" else ""
+                )
+                rows.append({"method": label, "tasks": num_tasks, "number": number, **timing})
+                print(f"{label:28s} T={num_tasks:3d} {timing['median_us']:10.1f} us", flush=True)
     result = {
         "what": "decide() + commit() of each gradient method, per step, microseconds",
         "clock": "time.thread_time",
@@ -126,7 +179,7 @@ def main() -> None:
         "| method | " + " | ".join(f"T = {t}" for t in TASKS) + " |",
         "|---|" + "---:|" * len(TASKS),
     ]
-    for name, _ in GRADIENT_METHODS:
+    for name in dict.fromkeys(r["method"] for r in rows):
         cells = [f"{r['median_us']:.1f} us" for r in rows if r["method"] == name]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (args.out / "solvers_gradient_methods.md").write_text(
