@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._engine import TaskJacobian
+from ._jacobian import TaskJacobian
 
 
 @dataclass(frozen=True)

@@ -174,16 +174,36 @@ class StepInfo:
 class PCGradInfo(StepInfo):
     """What one :meth:`PCGrad.pc_backward` call saw and did (all on the shared parameters).
 
-    A :class:`StepInfo` (``gramian``, ``grad_norms``, ``cosine``, ``num_conflicts``,
-    ``conflict_rate``, ``weights``, ``skipped``, ``nonfinite_tasks``), plus the projections.
-    The statistics are derived from the step's ``[T, T]`` Gramian when first read, so a
-    training loop that ignores them does not pay for them.
+    A :class:`StepInfo` with PCGrad's projections. The statistics are derived from the step's
+    ``[T, T]`` Gramian when first read, so a training loop that ignores them does not pay for
+    them.
 
     Attributes
     ----------
+    gramian : Tensor
+        ``[T, T]`` float64 Gramian ``G[i, j] = g_i . g_j`` of the original task gradients.
+    grad_norms : Tensor
+        ``[T]`` norms of the original task gradients.
+    cosine : Tensor
+        ``[T, T]`` cosine similarities of the original task gradients.
+    num_conflicts : int
+        Pairs ``i < j`` with ``g_i . g_j < 0``.
+    conflict_rate : float
+        ``num_conflicts`` over the ``T (T - 1) / 2`` pairs (0 when ``T = 1``).
     projections : Tensor
         ``[T, T]`` bool, ``projections[i, j]`` when ``g_i`` was projected onto ``g_j``'s
         normal plane.
+    weights : Tensor
+        ``[T]`` float64: the written gradient (on the shared parameters) is
+        ``sum_i weights[i] g_i``.
+    losses : Tensor
+        ``[T]`` float64 loss values.
+    skipped : bool
+        ``True`` when no surgery was done: a non-finite loss or gradient with
+        ``nonfinite="skip"`` (the next :meth:`PCGrad.step` is skipped too), or non-finite
+        gradients left for a ``GradScaler`` to skip.
+    nonfinite_tasks : tuple of int
+        Tasks whose loss or gradient held NaN or Inf.
 
     Examples
     --------
@@ -217,11 +237,16 @@ class PCGradInfo(StepInfo):
 class GradNormInfo(StepInfo):
     """What one GradNorm update saw and did.
 
-    A :class:`StepInfo` (``weights`` after the update, the raw ``grad_norms`` at the shared
-    parameters ``W``, ``losses``, ``skipped``, ``nonfinite_tasks``), plus:
+    A :class:`StepInfo` with GradNorm's own quantities.
 
     Attributes
     ----------
+    weights : Tensor
+        ``[T]`` float64 task weights after the update (those the weighted backward used).
+    grad_norms : Tensor
+        ``[T]`` raw norms ``||grad_W L_i||`` at the shared parameters ``W``.
+    losses : Tensor
+        ``[T]`` float64 loss values.
     weighted_grad_norms : Tensor
         ``[T]`` ``G_i = w_i ||grad_W L_i||`` with the weights before the update.
     targets : Tensor
@@ -234,8 +259,11 @@ class GradNormInfo(StepInfo):
     weight_gradient : Tensor
         ``[T]`` gradient of the GradNorm loss with respect to the learned vector (the
         log-weights, or the raw weights with ``parametrization="renormalize"``).
-
-    All of them are NaN when the step was skipped.
+    skipped : bool
+        ``True`` when the weights were not updated (a non-finite loss or gradient); the
+        quantities above are then NaN.
+    nonfinite_tasks : tuple of int
+        Tasks whose loss or gradient held NaN or Inf.
 
     Examples
     --------

@@ -62,10 +62,11 @@ class TaskStats:
     squared_norms : tuple of float, optional
         The squared norms of the task gradients on the shared parameters, when
         ``needs >= NORMS``.
-    jacobian : TaskJacobian, optional
-        The per-task gradients, when ``needs == JACOBIAN``.
-    shared : numpy.ndarray, optional
-        Which parameters of ``jacobian`` are shared (bool per parameter); ``None``: all.
+    jacobian : optional
+        The per-task gradients (a ``TaskJacobian``), when ``needs == JACOBIAN``.
+    shared : optional
+        Which parameters of ``jacobian`` are shared (a NumPy bool array, one per parameter);
+        ``None``: all.
     """
 
     losses: tuple[float, ...]
@@ -107,13 +108,13 @@ class Decision:
     direction : list of Tensor, optional
         For coordinate methods only: the shared parameters' update itself, one flat tensor per
         parameter of the Jacobian (``weights`` then only describe the unshared parameters).
-    parameter_grads : mapping, optional
+    parameter_grads : dict, optional
         Gradients of the method's own learned parameters (e.g. uncertainty weighting's
         log-variances), written into their ``.grad`` together with the model's.
     state : Any
         The method's state after this step; handed to :meth:`Method.commit` once ``.grad`` is
         written. ``None`` keeps nothing.
-    extras : mapping
+    extras : dict
         Method-specific diagnostics, exposed on the step's info object.
     """
 
@@ -141,6 +142,8 @@ class Method:
         What the parameters outside the shared set get: the same weighted combination
         (``"weights"``, the weighted-loss convention of most methods), or the plain mean or sum
         of the gradients of the tasks that reach each of them (PCGrad's convention).
+    generator : torch.Generator or None
+        The source of a random method's numbers (``None``: the method draws none).
     info_class : type
         The :class:`~gradsurgery.StepInfo` subclass a step returns; its ``extras`` are the
         decision's.

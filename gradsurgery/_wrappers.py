@@ -184,7 +184,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return info
 
     @property
-    def weights(self) -> Tensor | None:
+    def weights(self) -> torch.Tensor | None:
         """The task weights of the last update (``None`` before the first)."""
         weights = self._pipeline.last_weights
         return None if weights is None else torch.tensor(weights, dtype=torch.float64)
@@ -354,10 +354,8 @@ def wrapper_class(
     """
     name = method_class.__name__
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    method_params = [
-        p for p in inspect.signature(method_class).parameters.values() if p.kind in kinds
-    ]
-    wrapper = list(inspect.signature(MultiTaskOptimizer.__init__).parameters.values())
+    method_params = [p for p in _signature(method_class).parameters.values() if p.kind in kinds]
+    wrapper = list(_signature(MultiTaskOptimizer.__init__).parameters.values())
     self_param, optimizer_param, options = wrapper[0], wrapper[1], wrapper[3:]
     option_names = {p.name for p in options}
     hyper = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in method_params]
@@ -389,13 +387,22 @@ def wrapper_class(
     return cls
 
 
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    """The signature with its annotations evaluated (the generated class lives in another
+    module, where the names of postponed annotations would not resolve)."""
+    try:
+        return inspect.signature(function, eval_str=True)
+    except NameError:  # an annotation that only exists for type checkers
+        return inspect.signature(function)
+
+
 def _wrapper_doc(method_class: type[Method]) -> str:
     name = method_class.__name__
     doc = inspect.cleandoc(method_class.__doc__ or name)
     summary, _, body = doc.partition("\n\n")
     intro = (
         f"{summary}\n\n"
-        f"A :class:`MultiTaskOptimizer` running :class:`gradsurgery.methods.{name}`: "
+        f"A :class:`MultiTaskOptimizer` running :class:`{method_class.__module__}.{name}`: "
         f"``gs.{name}(optimizer, **hyper_parameters, **options)`` is "
         f"``gs.MultiTaskOptimizer(optimizer, gs.methods.{name}(**hyper_parameters), "
         "**options)``. It behaves as the optimizer it wraps; :meth:`backward` takes the place "
@@ -428,7 +435,7 @@ class GradNorm:
     training rate and ``Lt_i = L_i(t) / L_i(0)`` its loss ratio: tasks that learn slower get
     larger gradients. The GradNorm loss ``sum_i |G_i - target_i|`` moves only the task
     weights, with an Adam of its own; the network is trained on ``sum_i w_i L_i`` by the
-    user's optimizer. The mathematics is :class:`gradsurgery.methods.GradNorm`; this class
+    user's optimizer. The mathematics is :class:`gradsurgery.methods.gradnorm.GradNorm`; this class
     writes ``.grad`` of every parameter the losses reach, with no optimizer to wrap.
 
     Since ``G_i = w_i ||grad_W L_i||`` and the norm does not depend on ``w``, one backward per
