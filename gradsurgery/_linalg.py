@@ -103,6 +103,10 @@ def nnls_gram(matrix: np.ndarray, target: np.ndarray, *, max_iter: int | None = 
     max_iter = 3 * n if max_iter is None else max_iter
     magnitude = max(1.0, float(np.abs(matrix).max()), float(np.abs(target).max()))
     tolerance = 10.0 * n * _EPS * magnitude
+    if n <= _PYTHON_MAX_SIZE:
+        solution = _nnls_gram_python(matrix.tolist(), target.tolist(), tolerance, max_iter)
+        if solution is not None:
+            return np.array(solution)
     z = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
     gradient = target.copy()  # c - M z: minus half the objective's gradient
@@ -135,6 +139,77 @@ def nnls_gram(matrix: np.ndarray, target: np.ndarray, *, max_iter: int | None = 
         f"the active-set NNLS solver did not converge in {max_iter} iterations; "
         "the Gramian is likely too ill-conditioned for float64"
     )
+
+
+# Up to this many variables the NNLS runs on Python floats: for a 3 x 3 problem a NumPy call
+# costs more than the arithmetic it does. The same algorithm, the same tolerances.
+_PYTHON_MAX_SIZE = 6
+
+
+def _nnls_gram_python(
+    matrix: list[list[float]], target: list[float], tolerance: float, max_iter: int
+) -> list[float] | None:
+    """:func:`nnls_gram` on Python floats; ``None`` when a passive block is numerically
+    singular (the NumPy version then solves it by least squares)."""
+    n = len(target)
+    z = [0.0] * n
+    passive: list[int] = []  # kept sorted
+    gradient = list(target)
+    for _ in range(max_iter):
+        entering, best = -1, tolerance
+        for j in range(n):
+            if gradient[j] > best and j not in passive:
+                entering, best = j, gradient[j]
+        if entering < 0:
+            return z
+        passive = sorted([*passive, entering])
+        for _ in range(n + 1):
+            sub = _solve_small(
+                [[matrix[i][j] for j in passive] for i in passive], [target[i] for i in passive]
+            )
+            if sub is None:
+                return None
+            trial = [0.0] * n
+            for i, value in zip(passive, sub, strict=True):
+                trial[i] = value
+            if all(value > 0 for value in sub):
+                z = trial
+                break
+            if trial[entering] <= 0 and z[entering] == 0:
+                passive.remove(entering)
+                return z
+            step = min(z[i] / (z[i] - trial[i]) for i in passive if trial[i] <= 0)
+            z = [zi + step * (ti - zi) for zi, ti in zip(z, trial, strict=True)]
+            passive = [i for i in passive if z[i] > tolerance]
+            z = [zi if i in passive else 0.0 for i, zi in enumerate(z)]
+        else:  # pragma: no cover - as in nnls_gram
+            return None
+        gradient = [target[i] - sum(row[j] * z[j] for j in passive) for i, row in enumerate(matrix)]
+    return None
+
+
+def _solve_small(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; ``None`` on a pivot at rounding level."""
+    size = len(rhs)
+    rows = [[*row, value] for row, value in zip(matrix, rhs, strict=True)]
+    scale = max(abs(value) for row in matrix for value in row) or 1.0
+    for k in range(size):
+        pivot = max(range(k, size), key=lambda i: abs(rows[i][k]))
+        if abs(rows[pivot][k]) <= 1e3 * size * _EPS * scale:
+            return None
+        rows[k], rows[pivot] = rows[pivot], rows[k]
+        head = rows[k]
+        for i in range(k + 1, size):
+            factor = rows[i][k] / head[k]
+            if factor:
+                row = rows[i]
+                for j in range(k, size + 1):
+                    row[j] -= factor * head[j]
+    solution = [0.0] * size
+    for k in range(size - 1, -1, -1):
+        row = rows[k]
+        solution[k] = (row[size] - sum(row[j] * solution[j] for j in range(k + 1, size))) / row[k]
+    return solution
 
 
 def _solve_psd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:

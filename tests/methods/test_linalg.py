@@ -1,0 +1,82 @@
+"""The small solvers of gradsurgery._linalg against scipy's NNLS, and their two code paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.optimize import nnls
+
+from gradsurgery import _linalg as L
+
+
+@st.composite
+def least_squares(draw):
+    """``A`` [m, n] with n <= 10 (rank-deficient, zero and repeated columns included), ``b``."""
+    n = draw(st.integers(1, 10))
+    m = draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    A = rng.standard_normal((m, n)) * 10.0 ** rng.uniform(-2, 2, size=(1, n))
+    edit = draw(st.sampled_from(["none", "zero", "repeat"]))
+    if edit == "zero":
+        A[:, -1] = 0.0
+    elif edit == "repeat" and n > 1:
+        A[:, -1] = A[:, 0]
+    return A, rng.standard_normal(m)
+
+
+def gram_form(A, b):
+    scale = max(float((A * A).sum(axis=0).max()), 1e-300)
+    return A.T @ A / scale, A.T @ b / scale
+
+
+@given(least_squares())
+def test_nnls_gram_reaches_scipys_residual(problem):
+    """Same minimum of ||A z - b|| as scipy's NNLS (Lawson-Hanson on A itself)."""
+    A, b = problem
+    M, c = gram_form(A, b)
+    z = L.nnls_gram(M, c)
+    assert (z >= 0).all()
+    ours = float(np.linalg.norm(A @ z - b))
+    theirs = float(np.linalg.norm(A @ nnls(A, b, maxiter=1000)[0] - b))
+    assert ours <= theirs + 1e-9 * max(1.0, float(np.linalg.norm(b)))
+
+
+@given(least_squares().filter(lambda p: p[0].shape[1] <= L._PYTHON_MAX_SIZE))
+def test_python_and_numpy_paths_agree(problem):
+    A, b = problem
+    M, c = gram_form(A, b)
+    python = L.nnls_gram(M, c)
+    size = L._PYTHON_MAX_SIZE
+    try:
+        L._PYTHON_MAX_SIZE = 0
+        numpy = L.nnls_gram(M, c)
+    finally:
+        L._PYTHON_MAX_SIZE = size
+
+    def objective(z):
+        return float(z @ M @ z - 2 * c @ z)
+
+    assert abs(objective(python) - objective(numpy)) <= 1e-12 * max(1.0, abs(objective(numpy)))
+
+
+def test_solver_error_when_the_iterations_run_out():
+    M = np.array([[1.0, 0.5], [0.5, 1.0]])
+    with pytest.raises(L.SolverError, match="did not converge"):
+        L.nnls_gram(M, np.array([1.0, 1.0]), max_iter=1)
+
+
+@pytest.mark.parametrize(
+    ("gramian", "error"),
+    [
+        (np.ones((2, 3)), ValueError),
+        (np.array([[1.0, np.inf], [0.0, 1.0]]), ValueError),
+        (np.array([[-1.0]]), ValueError),
+        (np.eye(2, dtype=int), TypeError),
+        ([[1.0]], TypeError),
+    ],
+)
+def test_as_gramian_refuses_what_is_not_a_gramian(gramian, error):
+    with pytest.raises(error):
+        L.as_gramian(gramian)
