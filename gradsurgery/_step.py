@@ -215,16 +215,18 @@ class UpdatePipeline:
 
         gramian = squared_norms = None
         total = 0.0
+        # The [T, T] work happens on the CPU in float64 (Python floats), whatever the device
+        # of the gradients: for T numbers per row, plain arithmetic costs less than any call.
+        # (In float64 from the start when float32 products would underflow or overflow.)
         if needs >= Needs.GRAMIAN:
-            # The [T, T] work happens on the CPU in float64 (Python floats), whatever the device
-            # of the gradients: for T numbers per row, plain arithmetic costs less than any call.
-            gramian = stats_jacobian.gramian(mask).tolist()
+            gramian = stats_jacobian.gramian_rows(mask)
             total = sum(map(sum, gramian))
         elif needs == Needs.NORMS:
-            squared_norms = stats_jacobian.squared_norms(mask).tolist()
+            squared_norms = stats_jacobian.squared_norm_values(mask)
             total = sum(squared_norms)
         # A NaN or Inf gradient makes the sum non-finite: the exact (costlier) check only runs
-        # when the sum says so.
+        # when the sum says so. Finite gradients whose float64 products overflow pass on: the
+        # method's non-finite weights, or the check of what is written, refuse them.
         if not math.isfinite(total):
             bad = stats_jacobian.nonfinite_tasks()
             if bad:
@@ -234,12 +236,6 @@ class UpdatePipeline:
                 if write:
                     self._write_all(jacobian, jparams, reached, [1.0] * len(values), None, scale)
                 return method.info_class(values, gramian=gramian, skipped=True, nonfinite_tasks=bad)
-            # Finite gradients whose dot products overflow float32: redo them in float64.
-            exact = stats_jacobian.gramian(mask, dtype=torch.float64)
-            if gramian is not None:
-                gramian = exact.tolist()
-            else:
-                squared_norms = exact.diagonal().tolist()
         # The norms of what the engine gave (scaled, if a GradScaler is in use), to bound the
         # combination below.
         diagonal = (
