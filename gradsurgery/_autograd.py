@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._jacobian import TaskJacobian
-from ._validation import check_losses
+from ._validation import as_parameter_list, check_losses
 
 
 def task_jacobian(
@@ -126,10 +126,6 @@ def task_gradients(
     tensor([[2., 4.],
             [3., 0.]])
     """
-    # Imported here: parameter coercion belongs to the pipeline's input checks, which import
-    # this module.
-    from ._engine import as_parameter_list
-
     losses = check_losses(losses)
     param_list = as_parameter_list(params, "params")
     return task_jacobian(losses, param_list, retain_graph=retain_graph).matrix
