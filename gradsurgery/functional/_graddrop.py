@@ -98,16 +98,24 @@ def draw_uniform(size: int, dtype: torch.dtype, generator: torch.Generator | Non
 
 
 def _graddrop(grads: Tensor, leaks: list[float], uniform: Tensor) -> Tensor:
+    # Each coordinate keeps all its positive or all its negative entries, so the update needs
+    # only the columns' sums of positive and of negative entries: two passes over [T, P].
     work = grads.to(uniform.dtype)
     uniform = uniform.to(grads.device)
-    sums = work.sum(dim=0)
-    magnitudes = work.abs().sum(dim=0)
-    purity = torch.where(magnitudes > 0, sums / magnitudes, 0.0).add_(1.0).mul_(0.5)
-    keep_positive = (purity > uniform).unsqueeze(0)
-    keep_negative = (purity < uniform).unsqueeze(0)
-    mask = (keep_positive & (work > 0)) | (keep_negative & (work < 0))
-    if all(value == 0.0 for value in leaks):
-        return (work * mask).sum(dim=0).to(grads.dtype)
-    leak = torch.tensor(leaks, dtype=work.dtype, device=work.device).expand(grads.shape[0])
-    factors = torch.where(mask, 1.0, leak.unsqueeze(1))
-    return (work * factors).sum(dim=0).to(grads.dtype)
+    positive = work.clamp(min=0)
+    negative = work - positive
+    positive_sums, negative_sums = positive.sum(dim=0), negative.sum(dim=0)
+    magnitudes = positive_sums - negative_sums  # sum_i |g_ik|
+    totals = positive_sums + negative_sums  # sum_i g_ik
+    purity = torch.where(magnitudes > 0, totals / magnitudes, 0.0).add_(1.0).mul_(0.5)
+    if len(leaks) == 1:
+        leak = leaks[0]
+        kept = torch.where(purity > uniform, positive_sums, 0.0)
+        kept += torch.where(purity < uniform, negative_sums, 0.0)
+        update = kept if leak == 0.0 else (1.0 - leak) * kept + leak * totals
+    else:
+        leak = torch.tensor(leaks, dtype=work.dtype, device=work.device)
+        update = torch.where(purity > uniform, torch.mv(positive.T, 1.0 - leak), 0.0)
+        update += torch.where(purity < uniform, torch.mv(negative.T, 1.0 - leak), 0.0)
+        update += torch.mv(work.T, leak)
+    return update.to(grads.dtype)
