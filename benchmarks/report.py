@@ -1,4 +1,4 @@
-"""Markdown tables from the suites' JSON files, and the issue's targets checked against them."""
+"""Markdown tables from the suites' JSON files, and the performance targets checked against them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 SUITES = ("study", "scaling", "training")
 
-# The issue's targets (gradsurgery issue 4).
+# The performance targets: a multi-task step must cost little next to a plain one, and grow
+# gently with the number of tasks (docs/benchmarks.md says why).
 STEP_RATIO_TARGET = 1.3  # gradsurgery step / plain step, T = 3, study network
 TORCHJD_FRACTION_TARGET = 0.5  # gradsurgery PCGrad / torchjd PCGrad, same setting
 LOOP_FRACTION_TARGET = 0.2  # gradsurgery PCGrad / straightforward loop, T >= 10, 1M-10M
@@ -157,14 +158,14 @@ def _training(payload: dict) -> list[str]:
 
 
 def _targets(study: dict | None, scaling: dict | None) -> list[str]:
-    lines = ["## The issue's targets", "", "| target | measured | met? |", "|---|---|---|"]
+    lines = ["## Performance targets", "", "| target | measured | met? |", "|---|---|---|"]
     for check in target_checks(study, scaling):
         lines.append(f"| {check['target']} | {check['measured']} | {check['met']} |")
     return [*lines, ""]
 
 
 def target_checks(study: dict | None, scaling: dict | None) -> list[dict[str, str]]:
-    """Each target of the issue, the numbers it is judged on, and whether they meet it."""
+    """Each performance target, the numbers it is judged on, and whether they meet it."""
     checks = []
     if study is not None:
         checks += _study_checks(study["results"])

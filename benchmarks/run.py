@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)  # the issue's setting; also keeps both cores' load comparable
+    torch.set_num_threads(1)  # the study's setting; also keeps both cores' load comparable
     device_folder = "" if args.device.type == "cpu" else args.device.type
     out = args.out or (HERE / "results" / device_folder / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
