@@ -47,7 +47,7 @@ def test_benchmark_runner_writes_json_and_markdown(tmp_path: Path) -> None:
     assert {(row["model"], row["tasks"]) for row in scaling["results"]} == {("35K", 2)}
 
     markdown = (tmp_path / "README.md").read_text()
-    assert "## The issue's targets" in markdown and "| plain" in markdown
+    assert "## Performance targets" in markdown and "| plain" in markdown
 
 
 def test_memory_probe_reports_peak_rss() -> None:
