@@ -3,7 +3,7 @@
 # metadata, install the wheel into a fresh virtual environment, import it, and run the test
 # suite shipped in the source distribution against the installed wheel.
 #
-#   bash scripts/check_dist.sh          (needs `build` and `twine`: the dev extra)
+#   bash scripts/check_dist.sh [PYTEST ARGS]     (needs `build` and `twine`: the dev extra)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +36,4 @@ python -c "import gradsurgery as gs; print('installed wheel:', gs.__version__, g
 tar -xzf "${sdist[0]}"
 cd gradsurgery-*/
 rm -r gradsurgery  # the tests import the installed wheel, not the sources beside them
-python -m pytest -q -p no:cacheprovider tests --pyargs gradsurgery
+python -m pytest -q -p no:cacheprovider "$@" tests --pyargs gradsurgery
