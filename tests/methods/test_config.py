@@ -14,6 +14,7 @@ from gradsurgery.functional._config import config_weights
 from gradsurgery.methods.config import ConFIG
 
 from ._jacobians import cases, random_jacobian
+from ._pipeline import step_through_optimizer
 
 
 def authors_config(J: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -158,3 +159,10 @@ def test_decide_matches_the_functional():
     with pytest.raises(ValueError, match="3 entries, got 2 tasks"):
         method.decide(TaskStats(losses=(1.0, 2.0), gramian_rows=[[1.0, 0.0], [0.0, 1.0]]))
     assert repr(method) == "ConFIG(pref_vector=[1.0, 2.0, 3.0], rcond=1e-10)"
+
+
+def test_through_the_optimizer():
+    J, shared_grad, head_grads, expected_heads = step_through_optimizer(ConFIG())
+    expected = config_weights((J @ J.T).double()).float() @ J
+    torch.testing.assert_close(shared_grad, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_grads, [tuple(g) for g in expected_heads])

@@ -14,6 +14,7 @@ from gradsurgery.functional._fairgrad import _solve_numpy, _solve_python, fairgr
 from gradsurgery.methods.fairgrad import FairGrad
 
 from ._jacobians import cases, random_jacobian
+from ._pipeline import step_through_optimizer
 
 ALPHAS = (0.5, 1.0, 2.0, 5.0)
 
@@ -208,3 +209,10 @@ def test_the_python_and_numpy_solvers_agree(J, alpha):
     python = _solve_python(gram, alpha, 1e-8, 100)
     numpy = _solve_numpy(gram, alpha, 1e-8, 100)
     np.testing.assert_allclose(python, numpy, rtol=1e-9)
+
+
+def test_through_the_optimizer():
+    J, shared_grad, head_grads, expected_heads = step_through_optimizer(FairGrad(alpha=2.0))
+    expected = fairgrad_weights((J @ J.T).double(), 2.0).float() @ J
+    torch.testing.assert_close(shared_grad, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_grads, [tuple(g) for g in expected_heads])

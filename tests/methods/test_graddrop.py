@@ -15,6 +15,7 @@ from gradsurgery.functional import graddrop
 from gradsurgery.methods.graddrop import GradDrop
 
 from ._jacobians import cases, random_jacobian
+from ._pipeline import step_through_optimizer
 
 
 def libmtl_graddrop(per_grads: torch.Tensor, leak: float, uniform: torch.Tensor) -> torch.Tensor:
@@ -185,3 +186,14 @@ def test_leak_per_task_must_match_the_task_count():
         method.decide(jacobian_of(random_jacobian(3, 0), [24]))
     with pytest.raises(ValueError, match="leak"):
         GradDrop(leak=2.0)
+
+
+def test_through_the_optimizer():
+    method = GradDrop(generator=torch.Generator().manual_seed(4))
+    J, shared_grad, head_grads, expected_heads = step_through_optimizer(method)
+    expected = graddrop(J, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(shared_grad, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_grads, [tuple(g) for g in expected_heads])
+    assert not torch.equal(
+        method.generator.get_state(), torch.Generator().manual_seed(4).get_state()
+    )  # committed

@@ -15,6 +15,7 @@ from gradsurgery.functional import gradvac_weights, projection_orders
 from gradsurgery.methods.gradvac import GradVac
 
 from ._jacobians import cases, random_jacobian
+from ._pipeline import step_through_optimizer
 
 
 def torchjd_orders(num_tasks: int, seed: int) -> torch.Tensor:
@@ -244,3 +245,13 @@ def test_bad_state_and_task_count_change_nothing():
 def test_bad_hyper_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         GradVac(**kwargs)
+
+
+def test_through_the_optimizer():
+    method = GradVac(generator=torch.Generator().manual_seed(4))
+    J, shared_grad, head_grads, expected_heads = step_through_optimizer(method)
+    orders = projection_orders(3, generator=torch.Generator().manual_seed(4))
+    weights, targets = gradvac_weights((J @ J.T).double(), orders=orders)
+    torch.testing.assert_close(shared_grad, weights.float() @ J, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_grads, [tuple(g) for g in expected_heads])
+    torch.testing.assert_close(method.targets, targets, rtol=1e-5, atol=1e-6)  # committed
