@@ -114,7 +114,10 @@ def check_targets(targets: object, num_tasks: int) -> list[list[float]]:
     """The targets as ``T`` lists of ``T`` floats: a finite ``[T, T]`` array."""
     if isinstance(targets, Tensor):
         targets = targets.detach().cpu().double().numpy()
-    array = np.asarray(targets, dtype=np.float64)
+    try:
+        array = np.asarray(targets, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"GradVac's targets must be a [T, T] array of cosines: {error}") from error
     if array.shape != (num_tasks, num_tasks) or not np.isfinite(array).all():
         raise ValueError(
             f"GradVac's targets must be a finite [{num_tasks}, {num_tasks}] array of cosines, "

@@ -113,7 +113,8 @@ class GradVac(Method):
             )
         targets = state_dict["targets"]
         if targets is not None:
-            targets = check_targets(targets, len(targets))
+            size = len(targets) if hasattr(targets, "__len__") else -1
+            targets = check_targets(targets, size)
         probe = torch.Generator()
         try:
             probe.set_state(state_dict["generator"])  # validates before changing ours

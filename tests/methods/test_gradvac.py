@@ -228,6 +228,8 @@ def test_bad_state_and_task_count_change_nothing():
         {"targets": None},
         {"targets": torch.zeros(2, 3), "generator": before["generator"]},
         {"targets": None, "generator": torch.zeros(3, dtype=torch.uint8)},
+        {"targets": [[0.0, 1.0], [0.0]], "generator": before["generator"]},
+        {"targets": 3.0, "generator": before["generator"]},
     ]:
         with pytest.raises(ValueError, match="GradVac"):
             method.load_state_dict(bad)
