@@ -51,7 +51,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
 
     Raises
     ------
-    gradsurgery._linalg.SolverError
+    RuntimeError
         If the root finding does not converge in 200 iterations (not seen in tests).
 
     Examples

@@ -29,7 +29,7 @@ def mgda_weights(
     a convex combination of the (normalized) task gradients. ``J^T w`` is then the
     minimum-norm point of their convex hull: a direction that lowers every loss when the
     gradients allow one, and zero at a Pareto-stationary point. The quadratic program is solved
-    exactly (:func:`gradsurgery._linalg.min_norm_simplex`), not by Frank-Wolfe iterations.
+    exactly, by an active-set method, not by Frank-Wolfe iterations.
 
     Parameters
     ----------

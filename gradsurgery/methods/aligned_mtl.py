@@ -36,6 +36,9 @@ class AlignedMTL(Method):
     """
 
     needs = Needs.GRAMIAN
+    # Task-specific parameters get each task's plain gradient, as in the reference code
+    # (every loss back-propagated, only the shared gradient replaced).
+    unshared = "sum"
 
     def __init__(
         self, pref_vector: Any = None, *, scale_mode: str = "min", rtol: float | None = None

@@ -33,6 +33,9 @@ class CAGrad(Method):
     """
 
     needs = Needs.GRAMIAN
+    # Task-specific parameters get each task's plain gradient, as in the reference code
+    # (every loss back-propagated, only the shared gradient replaced).
+    unshared = "sum"
 
     def __init__(self, c: float = 0.4, *, rescale: int = 1) -> None:
         self.c = check_number(c, "c")

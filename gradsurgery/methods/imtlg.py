@@ -23,6 +23,9 @@ class IMTLG(Method):
     """
 
     needs = Needs.GRAMIAN
+    # Task-specific parameters get each task's plain gradient, as in the reference code
+    # (every loss back-propagated, only the shared gradient replaced).
+    unshared = "sum"
 
     def decide(self, stats: TaskStats) -> Decision:
         return Decision(weights=imtlg_weights(stats.gramian).tolist())

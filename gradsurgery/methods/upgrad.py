@@ -33,6 +33,9 @@ class UPGrad(Method):
     """
 
     needs = Needs.GRAMIAN
+    # Task-specific parameters get each task's plain gradient, as in the reference code
+    # (every loss back-propagated, only the shared gradient replaced).
+    unshared = "sum"
 
     def __init__(
         self, pref_vector: Any = None, *, norm_eps: float = 0.0, reg_eps: float = 0.0
