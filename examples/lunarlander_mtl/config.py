@@ -357,8 +357,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif field.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[field.name], default=None, help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=None, help=help_text)
+            metavar = {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
+            group.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
+
+
+def configurations_help() -> str:
+    """The named configurations, one a line, with what each changes (for `--help`)."""
+    width = max(len(name) for name in CONFIGS)
+    lines = ["configurations (--config NAME; * = part of the default study):"]
+    for name, overrides in CONFIGS.items():
+        changes = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        mark = "*" if name in STUDY_CONFIGS else " "
+        lines.append(f"  {mark} {name:<{width}}  {changes}")
+    return "\n".join(lines)
 
 
 def overrides_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:

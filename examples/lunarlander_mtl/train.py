@@ -40,6 +40,7 @@ from config import (
     STUDY_SEEDS,
     Config,
     add_config_arguments,
+    configurations_help,
     make_config,
     overrides_from_args,
 )
@@ -605,15 +606,17 @@ def run_one(cfg: Config, resume: bool, overwrite: bool) -> StudyOutcome:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        usage="%(prog)s [--config NAME ...] [--seed N ...] [--resume | --overwrite] [options]",
+        description=__doc__,
+        epilog=configurations_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",
         nargs="+",
         metavar="NAME",
         default=None,
-        help=f"configuration(s) to run (default: the seven of the study); one of: "
-        f"{', '.join(CONFIGS)}",
+        help="configuration(s) to run (default: the seven of the study; names listed below)",
     )
     parser.add_argument(
         "--seed",
