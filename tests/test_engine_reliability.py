@@ -15,6 +15,7 @@ import gradsurgery as gs
 from gradsurgery._autograd import task_jacobian
 from gradsurgery._jacobian import TaskJacobian
 from gradsurgery._partition import engine as engine_module
+from tests._models import DEVICES
 
 CLOSE64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -522,3 +523,97 @@ def test_random_models_get_autograd_gradients_or_a_clear_refusal(
                 torch.testing.assert_close(
                     actual.matrix, expected.matrix, rtol=1e-4, atol=1e-5 * scale
                 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions and per-sample normalizations on the fast path.
+
+
+class RandomConvNet(nn.Module):
+    def __init__(self, draw, dims: int) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d)[dims - 1]
+        groups = draw(st.sampled_from([1, 2]))
+        stride = draw(st.integers(1, 2))
+        padding_choices: list = [0, 1, 2, "valid"] + (["same"] if stride == 1 else [])
+        self.conv = conv(
+            2 * groups,
+            2 * groups * draw(st.integers(1, 2)),
+            kernel_size=draw(st.integers(1, 3)),
+            stride=stride,
+            padding=draw(st.sampled_from(padding_choices)),
+            dilation=draw(st.integers(1, 2)),
+            groups=groups,
+            bias=draw(st.booleans()),
+            padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"])),
+        )
+        channels = self.conv.out_channels
+        norm = draw(st.sampled_from(["group", "instance", "none"]))
+        if norm == "group":
+            self.norm = nn.GroupNorm(draw(st.sampled_from([1, 2])), channels)
+        elif norm == "instance":
+            instance = (nn.InstanceNorm1d, nn.InstanceNorm2d)[dims - 1]
+            self.norm = instance(channels, affine=True)
+        else:
+            self.norm = nn.Identity()
+        self.second = conv(channels, 3, kernel_size=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.conv(x)))
+        return self.head(self.second(h).flatten(2).mean(dim=2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40)
+@given(
+    draw=st.data(),
+    dims=st.sampled_from([1, 2]),
+    sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_convolutions_and_per_sample_norms_match_autograd(device, draw, dims, sizes, dtype, seed):
+    torch.manual_seed(seed)
+    model = RandomConvNet(draw.draw, dims).to(device, dtype)
+    spatial = (draw.draw(st.integers(8, 12)),) * dims  # InstanceNorm needs 2+ outputs
+    x = torch.randn(sum(sizes), model.conv.in_channels, *spatial, dtype=dtype, device=device)
+    engine = gs.BatchPartitionEngine(model)
+    params = list(model.parameters())
+    # TF32 convolutions (on by default on CUDA) would round both sides differently.
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for _ in range(2):
+            with engine.record(sizes):
+                out = model(x)
+            losses = sliced_losses(out, sizes)
+            expected = task_jacobian(losses, params, retain_graph=True).matrix
+            actual = engine.jacobian(losses, params).matrix
+            assert engine.slow_layers() == {}  # every layer on the fast path
+            if dtype == torch.float64:
+                torch.testing.assert_close(actual, expected, **CLOSE64)
+            else:
+                scale = float(expected.abs().max()) + 1e-30
+                torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_an_unbatched_convolution_input_takes_the_slow_path():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 4, 3).double()  # a [C, L] input of 4 channels: C == the batch size
+    engine = gs.BatchPartitionEngine(conv)
+    with engine.record([2, 2]):
+        out = conv(torch.randn(4, 8, dtype=torch.float64))
+    assert_matches_autograd(engine, [out[:2].sum(), out[2:].pow(2).sum()], [conv.weight])
+    assert "no batch dimension" in engine.slow_layers()[""]
+
+
+def test_instance_norm_with_running_statistics_takes_the_slow_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+    )
+    model = model.double()
+    engine = gs.BatchPartitionEngine(model)
+    with engine.record([2, 3]):
+        out = model(torch.randn(5, 2, 8, dtype=torch.float64))
+    assert_matches_autograd(engine, sliced_losses(out, [2, 3]), list(model.parameters()))
+    assert "track_running_stats" in engine.slow_layers()["1"]

@@ -32,8 +32,9 @@ class BatchPartitionEngine:
 
     Use it when the model processes one batch that concatenates the tasks' batches (task 0's
     rows first, then task 1's, ...), treats samples independently, and each task's loss depends
-    only on its own rows: the usual multi-task setting. ``nn.Linear``, ``nn.Embedding`` and
-    ``nn.LayerNorm`` take the fast path; the parameters of any other layer are differentiated
+    only on its own rows: the usual multi-task setting. ``nn.Linear``, ``nn.Embedding``,
+    ``nn.LayerNorm``, ``nn.Conv1d`` to ``nn.Conv3d``, ``nn.GroupNorm`` and ``nn.InstanceNorm1d``
+    to ``3d`` take the fast path; the parameters of any other layer are differentiated
     per task by autograd, so the result is the same Jacobian as the default engine's. So are
     those of a supported layer whose parameter is also used outside its calls (weight tying, a
     penalty on the weights in the loss), whose input or output is changed in place after the

@@ -2,7 +2,9 @@
 
 For the layers registered here a parameter's gradient is a sum over the batch's rows of a
 product of the layer's input and its output gradient, so task ``t``'s gradient is that sum
-over task ``t``'s rows. Each entry gives the formula and says for which of the layer's
+over task ``t``'s rows: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.Conv1d`` to
+``nn.Conv3d``, ``nn.GroupNorm`` and ``nn.InstanceNorm1d`` to ``3d`` (without running
+statistics). Each entry gives the formula and says for which of the layer's
 options it holds; a layer of an unregistered type, a subclass (which may override
 ``forward``) or an option the formula does not cover is differentiated per task by autograd.
 """
@@ -207,6 +209,105 @@ def layer_norm_task_grads(
     return grads
 
 
+def _conv_geometry(module: nn.Module, x: Tensor) -> tuple[Tensor, list[int]]:
+    """The input as the convolution reads it, and the padding to pass with it.
+
+    A non-zero ``padding_mode`` pads the input before a convolution with no padding, and
+    ``padding="same"`` may pad one side more than the other: both become an explicit pad.
+    """
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    dims = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        padded = nnf.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return padded, [0] * dims
+    if module.padding == "valid":
+        return x, [0] * dims
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        if all(total % 2 == 0 for total in totals):
+            return x, [total // 2 for total in totals]
+        pads = [p for total in reversed(totals) for p in (total // 2, total - total // 2)]
+        return nnf.pad(x, pads), [0] * dims
+    return x, list(module.padding)  # type: ignore[arg-type]
+
+
+def conv_task_grads(
+    module: nn.Module,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool,
+    out: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Task ``t``'s weight gradient: the convolution's weight-gradient kernel on its rows.
+
+    The kernel a plain backward pass runs once, applied to each task's slice of the batch
+    (contiguous rows, no copy): about the plain weight gradient's cost in all. Measured on
+    the CPU (benchmarks/conv_weight_grads.py), an unfold into ``k x k`` columns is several
+    times slower; one grouped convolution over the tasks copies the batch into a
+    task-by-channel layout, needs equal task sizes, and wins only on small layers.
+    """
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    parameters = module._parameters
+    kernel = parameters["weight"]
+    dtype = kernel.dtype
+    g = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
+    grads = {}
+    if weight:
+        x, padding = _conv_geometry(module, x)
+        table = out.get("weight")
+        if table is None:
+            table = kernel.new_empty(len(sizes), *kernel.shape)
+        start = 0
+        for t, n in enumerate(sizes):
+            table[t] = torch.ops.aten.convolution_backward(
+                g[start : start + n],
+                x[start : start + n],
+                kernel,
+                None,
+                list(module.stride),
+                padding,
+                list(module.dilation),
+                False,
+                [0] * len(module.kernel_size),
+                module.groups,
+                [False, True, False],
+            )[1]
+            start += n
+        grads["weight"] = table
+    if parameters["bias"] is not None:
+        per_sample = g.sum(dim=tuple(range(2, g.dim())))
+        grads["bias"] = task_sums(per_sample, sizes)
+    return grads
+
+
+def per_sample_norm_task_grads(
+    module: nn.Module,
+    x: Tensor,
+    grad_output: Tensor,
+    sizes: Sequence[int],
+    weight: bool,
+    out: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """GroupNorm / InstanceNorm: per-channel ``sum of g * normalized(x)`` and ``sum of g``."""
+    parameters = module._parameters
+    dtype = grad_output.dtype
+    if isinstance(module, nn.GroupNorm):
+        normalized = nnf.group_norm(x.to(dtype), module.num_groups, eps=module.eps)
+    else:
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        normalized = nnf.instance_norm(x.to(dtype), eps=module.eps)
+    g = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)
+    grads = {}
+    if parameters["weight"] is not None:
+        product = (g * normalized.reshape(g.shape)).sum(dim=2)
+        grads["weight"] = task_sums(product, sizes).to(parameters["weight"].dtype)
+    if parameters["bias"] is not None:
+        grads["bias"] = task_sums(g.sum(dim=2), sizes).to(parameters["bias"].dtype)
+    return grads
+
+
 def _embedding_refusal(module: nn.Module) -> str | None:
     assert isinstance(module, nn.Embedding)
     if module.sparse:
@@ -239,3 +340,39 @@ register_layer(
     # [*, *normalized_shape]
     batch_dims=lambda module, x: range(x.dim() - len(module.normalized_shape)),  # type: ignore[arg-type]
 )
+
+
+def _batched(spatial_dims: int) -> BatchDims:
+    """Dim 0 is the batch when the input has it (``[N, C, *spatial]``), else there is none."""
+    return lambda module, x: range(1) if x.dim() == spatial_dims + 2 else range(0)
+
+
+def _instance_norm_refusal(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+    if module.track_running_stats:
+        return "it has track_running_stats (in eval mode it normalizes by running statistics)"
+    return None
+
+
+for _dims, _conv in enumerate((nn.Conv1d, nn.Conv2d, nn.Conv3d), start=1):
+    register_layer(
+        _conv,
+        conv_task_grads,
+        parameters=("weight", "bias"),
+        batch_dims=_batched(_dims),
+        in_place=True,
+    )
+register_layer(
+    nn.GroupNorm,
+    per_sample_norm_task_grads,
+    parameters=("weight", "bias"),
+    batch_dims=lambda module, x: range(1),  # [N, C, *]: always batched
+)
+for _dims, _norm in enumerate((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), start=1):
+    register_layer(
+        _norm,
+        per_sample_norm_task_grads,
+        parameters=("weight", "bias"),
+        batch_dims=_batched(_dims),
+        refusal=_instance_norm_refusal,
+    )
