@@ -323,7 +323,11 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     # -- copying, pickling, attributes ---------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # torch.optim.Optimizer's keeps three entries
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # A learning-rate scheduler wraps the instance's step; like torch.optim.Optimizer, a
+        # copy gets the plain one (the scheduler is not part of the copy).
+        state.pop("step", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # ... and patches the class
         self.__dict__.update(state)

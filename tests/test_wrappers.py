@@ -48,6 +48,7 @@ def test_deepcopy_of_a_wrapper_works_and_leaves_every_wrapper_working():
 def test_a_wrapper_survives_pickling(through):
     model, x, y = model_and_batch()
     opt = pcgrad(model)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # it wraps the instance's step
     train_pcgrad(model, opt, x, y, steps=2)
     if through == "pickle":
         loaded = pickle.loads(pickle.dumps(opt))
