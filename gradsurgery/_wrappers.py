@@ -527,6 +527,7 @@ class GradNorm:
             distributed=distributed,
             process_group=process_group,
         )
+        self._pipeline.last_weights = self.method.weights  # what a skipped step reports
 
     num_tasks = property(lambda self: self._pipeline.num_tasks, doc="``T``.")
     alpha = property(lambda self: self.method.alpha, doc="The asymmetry ``alpha``.")
@@ -598,7 +599,6 @@ class GradNorm:
     def _run(
         self, losses: Sequence[Tensor], grad_scaler: torch.amp.GradScaler | None, write: bool
     ) -> GradNormInfo:
-        self._pipeline.last_weights = self.method.weights  # what a skipped step reports
         info, _ = self._pipeline.run(losses, None, grad_scaler=grad_scaler, write=write)
         assert isinstance(info, GradNormInfo)
         return info
@@ -610,6 +610,7 @@ class GradNorm:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; all of it is checked before anything changes."""
         self.method.load_state_dict(state_dict)
+        self._pipeline.last_weights = self.method.weights
 
     def __repr__(self) -> str:
         weights = ", ".join(f"{w:.3f}" for w in self.weights.tolist())

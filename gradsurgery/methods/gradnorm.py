@@ -62,25 +62,25 @@ class GradNorm(Method):
         )
         self.num_tasks = None if num_tasks is None else check_num_tasks(num_tasks)
         self._raw: list[float] | None = None  # log-weights (softmax) or raw weights
+        self._current: list[float] | None = None  # the weights of _raw, kept: read every step
         self._adam: Adam | None = None
         self.initial_losses: torch.Tensor | None = None
         if num_tasks is not None:
-            self._raw, self._adam = self._initial_state(num_tasks)
+            self._set(*self._initial_state(num_tasks))
 
     @property
     def weights(self) -> list[float] | None:
         """Current task weights (``None`` before the task count is known)."""
-        return None if self._raw is None else self._weights(self._raw)
+        return self._current
 
     def decide(self, stats: TaskStats) -> Decision:
         num_tasks, values, norms = stats.num_tasks, list(stats.losses), list(stats.grad_norms)
-        raw, adam = self._raw, self._adam
-        if raw is None or adam is None:
+        raw, adam, old_weights = self._raw, self._adam, self._current
+        if raw is None or adam is None or old_weights is None:
             raw, adam = self._initial_state(num_tasks)
-        assert raw is not None and adam is not None
+            old_weights = self._weights(raw)
         initial = values if self.initial_losses is None else self.initial_losses.tolist()
         loss_ratios = [v / max(v0, _TINY) for v, v0 in zip(values, initial, strict=True)]
-        old_weights = self._weights(raw)
         weighted_norms = [w * n for w, n in zip(old_weights, norms, strict=True)]
         mean_ratio, mean_norm = sum(loss_ratios) / num_tasks, sum(weighted_norms) / num_tasks
         targets = [mean_norm * (r / mean_ratio) ** self.alpha for r in loss_ratios]
@@ -100,7 +100,7 @@ class GradNorm(Method):
         new_weights = self._weights(raw)
         return Decision(
             new_weights,
-            state=(raw, adam, initial),
+            state=(raw, adam, new_weights, initial),
             extras={
                 "weighted_grad_norms": weighted_norms,
                 "targets": targets,
@@ -111,7 +111,8 @@ class GradNorm(Method):
         )
 
     def commit(self, state: Any) -> None:
-        self._raw, self._adam, initial = state
+        raw, adam, self._current, initial = state
+        self._raw, self._adam = raw, adam
         if self.initial_losses is None:
             self.initial_losses = torch.tensor(initial, dtype=torch.float64)
 
@@ -149,9 +150,9 @@ class GradNorm(Method):
             )
         raw, initial = state_dict["raw_weights"], state_dict["initial_losses"]
         if raw is None:  # saved before the first step
-            self._raw = self._adam = self.initial_losses = None
+            self._raw = self._adam = self._current = self.initial_losses = None
             if self.num_tasks is not None:
-                self._raw, self._adam = self._initial_state(self.num_tasks)
+                self._set(*self._initial_state(self.num_tasks))
             return
         size = self.num_tasks or raw.numel()
         if raw.shape != (size,) or not bool(torch.isfinite(raw).all()):
@@ -163,10 +164,13 @@ class GradNorm(Method):
                 f"state_dict has initial losses of shape {tuple(initial.shape)}, expected ({size},)"
             )
         adam = Adam.from_state_dict(state_dict["optimizer"], size)
-        self._raw, self._adam = raw.detach().to(torch.float64).tolist(), adam
+        self._set(raw.detach().to(torch.float64).tolist(), adam)
         self.initial_losses = (
             None if initial is None else initial.detach().to(torch.float64).clone()
         )
+
+    def _set(self, raw: list[float], adam: Adam) -> None:
+        self._raw, self._adam, self._current = raw, adam, self._weights(raw)
 
     def _initial_state(self, num_tasks: int) -> tuple[list[float], Adam]:
         return [0.0 if self.parametrization == "softmax" else 1.0] * num_tasks, Adam(
