@@ -85,6 +85,11 @@ class FactoredGradients:
         row_weights = weights.to(self.output_grads)[self.row_tasks]
         return outer_sums(self.output_grads * row_weights[:, None], self.inputs).reshape(-1)
 
+    def task(self, t: int) -> Tensor:
+        """Task ``t``'s gradient, flattened to ``[out * in]``."""
+        rows = self.row_tasks == t
+        return outer_sums(self.output_grads[rows], self.inputs[rows]).reshape(-1)
+
     def dense(self) -> Tensor:
         """The ``[T, out * in]`` per-task gradients: the memory the factored form avoids."""
         # Each task from its own rows only: a NaN in one task's rows stays in that task.

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import gradsurgery as gs
 from gradsurgery._autograd import task_jacobian
-from gradsurgery._jacobian import TaskJacobian
+from gradsurgery._jacobian import FactoredGradients, TaskJacobian
 from gradsurgery._partition import engine as engine_module
 from tests._models import DEVICES
 
@@ -135,14 +135,15 @@ def test_by_default_a_loss_that_mixes_tasks_raises_and_changes_nothing():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
-def count_reference_calls(monkeypatch):
+def count_checks(monkeypatch):
     calls = []
+    check = engine_module.BatchPartitionEngine._agrees
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return task_jacobian(*args, **kwargs)
+        return check(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "task_jacobian", counting)
+    monkeypatch.setattr(engine_module.BatchPartitionEngine, "_agrees", counting)
     return calls
 
 
@@ -150,20 +151,19 @@ def count_reference_calls(monkeypatch):
 def test_the_check_runs_on_the_first_step_of_each_pattern(monkeypatch, verify, expected):
     model = mlp()
     engine = gs.BatchPartitionEngine(model, verify=verify)
-    calls = count_reference_calls(monkeypatch)  # every parameter is on the fast path
+    calls = count_checks(monkeypatch)
     for step in range(5):
         sizes = [3, 3] if step < 3 else [2, 4]  # a new pattern at step 3
         with engine.record(sizes):
             out = model(torch.randn(6, 5, dtype=torch.float64))
         assert_matches_autograd(engine, sliced_losses(out, sizes), list(model.parameters()))
-    # The test's own reference is not counted: it calls task_jacobian from this module.
     assert len(calls) == expected
 
 
 def test_a_nonfinite_first_step_leaves_the_pattern_unchecked(monkeypatch):
     model = mlp()
     engine = gs.BatchPartitionEngine(model)
-    calls = count_reference_calls(monkeypatch)
+    calls = count_checks(monkeypatch)
     for scale in (float("nan"), 1.0, 1.0):
         with engine.record([3, 3]):
             out = model(torch.randn(6, 5, dtype=torch.float64))
@@ -617,3 +617,24 @@ def test_instance_norm_with_running_statistics_takes_the_slow_path():
         out = model(torch.randn(5, 2, 8, dtype=torch.float64))
     assert_matches_autograd(engine, sliced_losses(out, [2, 3]), list(model.parameters()))
     assert "track_running_stats" in engine.slow_layers()["1"]
+
+
+def test_the_check_keeps_factored_layers_factored(monkeypatch):
+    # The check compares one task's gradient at a time: no [T, in * out] block is built.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 2)).double()
+    engine = gs.BatchPartitionEngine(model, factored="always")
+    calls = count_checks(monkeypatch)
+
+    def refuse(self):
+        raise AssertionError("the check expanded a factored layer")
+
+    with engine.record([2, 3]):
+        out = model(torch.randn(5, 6, dtype=torch.float64))
+    losses = sliced_losses(out, [2, 3])
+    expected = task_jacobian(losses, list(model.parameters()), retain_graph=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(FactoredGradients, "dense", refuse)
+        actual = engine.jacobian(losses, list(model.parameters()))
+    assert len(calls) == 1 and actual.factored
+    torch.testing.assert_close(actual.matrix, expected.matrix, **CLOSE64)
