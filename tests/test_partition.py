@@ -19,7 +19,7 @@ from tests._models import DEVICES
 
 
 class Mixed(nn.Module):
-    """Every supported layer, a residual, and layers the fast path does not know."""
+    """Linear, Embedding, LayerNorm and Conv1d layers, a residual, and a bare parameter."""
 
     def __init__(self, num_tasks: int, sequence: bool) -> None:
         super().__init__()
@@ -29,7 +29,8 @@ class Mixed(nn.Module):
         self.norm = nn.LayerNorm(16)
         self.fc2 = nn.Linear(16, 16, bias=False)
         self.scale = nn.Parameter(torch.randn(16))  # no layer: slow path
-        self.conv = nn.Conv1d(1, 2, 3, padding=1)  # unsupported layer: slow path
+        # Fast path on [N, 1, 16]; slow on the sequence model's [4N, 1, 16] (4N rows, not N).
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
         self.head = nn.Linear(16, 2)
         self.double()
 
