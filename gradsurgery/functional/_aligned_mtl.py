@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, check_number, preference_weights
+from .._linalg import as_gramian, check_number, eigh, preference_weights
 
 __all__ = ["aligned_mtl_weights"]
 
@@ -65,7 +65,7 @@ def aligned_mtl_weights(
     if scale_mode not in ALIGNED_MTL_SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {ALIGNED_MTL_SCALE_MODES}, got {scale_mode!r}")
     rtol = _AUTHORS_RTOL if rtol is None else check_number(rtol, "rtol")
-    eigenvalues, eigenvectors = np.linalg.eigh(G)
+    eigenvalues, eigenvectors = eigh(G)
     largest = float(eigenvalues.max())
     kept = eigenvalues > largest * num_tasks * rtol
     if largest <= 0 or not kept.any():  # every gradient is zero: nothing to align

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, scale_of
+from .._linalg import as_gramian, pinv_psd, scale_of
 
 __all__ = ["imtlg_weights"]
 
@@ -17,7 +17,8 @@ def imtlg_weights(gramian: Tensor) -> Tensor:
     The weights ``w`` sum to one and make ``d = J^T w`` project equally onto every unit task
     gradient: ``d . g_i / ||g_i||`` is the same for all ``i``. That is ``G w = c n`` with
     ``n_i = ||g_i||``, so ``w`` is ``G^+ n`` scaled to sum to one; the pseudo-inverse extends
-    the method to linearly dependent gradients (Quinton and Rey 2024), as torchjd does.
+    the method to linearly dependent gradients (Quinton and Rey 2024), as torchjd does
+    (eigenvalues below ``T`` machine epsilons of the largest count as zero).
 
     Returns zero weights (no update) when ``G^+ n`` sums to zero relative to its size: all
     gradients zero, or no combination projects equally and positively (an exactly opposed
@@ -52,8 +53,7 @@ def imtlg_weights(gramian: Tensor) -> Tensor:
     # Weights do not change when G is scaled; a unit scale makes the zero-sum test relative.
     G = G / scale
     norms = np.sqrt(G.diagonal())
-    solution = np.linalg.pinv(G, rcond=num_tasks * np.finfo(np.float64).eps, hermitian=True)
-    solution = solution @ norms
+    solution = pinv_psd(G, num_tasks * np.finfo(np.float64).eps) @ norms
     total = float(solution.sum())
     if abs(total) < 1e-12 * max(1.0, float(np.abs(solution).max())):
         return torch.zeros(num_tasks, dtype=torch.float64)
