@@ -80,3 +80,18 @@ def test_solver_error_when_the_iterations_run_out():
 def test_as_gramian_refuses_what_is_not_a_gramian(gramian, error):
     with pytest.raises(error):
         L.as_gramian(gramian)
+
+
+@given(least_squares(), st.data())
+def test_any_initial_guess_reaches_the_same_minimum(problem, data):
+    A, b = problem
+    M, c = gram_form(A, b)
+    n = M.shape[0]
+    guess = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    warm, cold = L.nnls_gram(M, c, initial=guess), L.nnls_gram(M, c)
+
+    def objective(z):
+        return float(z @ M @ z - 2 * c @ z)
+
+    assert (warm >= 0).all()
+    assert abs(objective(warm) - objective(cold)) <= 1e-12 * max(1.0, abs(objective(cold)))
