@@ -27,6 +27,7 @@ __all__ = [
     "eigh",
     "min_norm_simplex",
     "nnls_gram",
+    "nnls_gram_rows",
     "normalize_and_regularize",
     "pinv_psd",
     "preference_weights",
@@ -252,6 +253,88 @@ def _solve_small(matrix: list[list[float]], rhs: list[float]) -> list[float] | N
     return solution
 
 
+def nnls_gram_rows(matrix: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """:func:`nnls_gram` for every row of ``targets`` (``[K, n]``) with the same ``M``.
+
+    The rows run Lawson and Hanson's method in lockstep: each round adds one column to every
+    unfinished row's passive set and solves all the rows' subproblems in one batched
+    ``numpy.linalg.solve`` (a row's passive block, padded with the identity). The same steps
+    as row by row, in about ``n`` NumPy calls instead of ``K n``.
+    """
+    rows, n = targets.shape
+    magnitude = max(1.0, float(np.abs(matrix).max()), float(np.abs(targets).max()))
+    tolerance = 10.0 * n * _EPS * magnitude
+    z = np.zeros((rows, n))
+    passive = np.zeros((rows, n), dtype=bool)
+    running = np.ones(rows, dtype=bool)
+    everything = np.arange(rows)
+    for _ in range(3 * n):
+        gradient = targets - z @ matrix
+        candidates = np.where(passive, -np.inf, gradient)
+        entering = np.argmax(candidates, axis=1)
+        running &= candidates[everything, entering] > tolerance
+        if not running.any():
+            return z
+        passive[running, entering[running]] = True
+        inner = running.copy()
+        for _ in range(n + 1):
+            index = np.flatnonzero(inner)
+            trial = _solve_passive(matrix, targets[index], passive[index])
+            mask = passive[index]
+            positive = np.where(mask, trial > 0, True).all(axis=1)
+            z[index[positive]] = trial[positive]
+            inner[index[positive]] = False
+            rest = index[~positive]
+            if rest.size == 0:
+                break
+            trial, mask = trial[~positive], mask[~positive]
+            current = z[rest]
+            stalled = (trial[np.arange(rest.size), entering[rest]] <= 0) & (
+                current[np.arange(rest.size), entering[rest]] == 0
+            )
+            # The entering column improves the objective by less than rounding: that row is
+            # optimal as it stands.
+            passive[rest[stalled], entering[rest[stalled]]] = False
+            running[rest[stalled]] = False
+            inner[rest[stalled]] = False
+            keep = ~stalled
+            rest, trial, mask, current = rest[keep], trial[keep], mask[keep], current[keep]
+            blocking = mask & (trial <= 0)
+            ratios = np.where(blocking, current / np.where(blocking, current - trial, 1.0), np.inf)
+            step = ratios.min(axis=1, keepdims=True)
+            current = current + step * (trial - current)
+            still = passive[rest] & (current > tolerance)
+            passive[rest] = still
+            z[rest] = np.where(still, current, 0.0)
+        else:  # pragma: no cover - as in nnls_gram
+            raise SolverError("the active-set NNLS solver cycled")
+    raise SolverError(
+        f"the active-set NNLS solver did not converge in {3 * n} iterations; "
+        "the Gramian is likely too ill-conditioned for float64"
+    )
+
+
+def _solve_passive(matrix: np.ndarray, targets: np.ndarray, passive: np.ndarray) -> np.ndarray:
+    """Each row's ``M_PP x_P = c_P`` (``x = 0`` off ``P``), batched; row by row with least
+    squares when a block is singular."""
+    outer = passive[:, :, None] & passive[:, None, :]
+    blocks = np.where(outer, matrix[None], 0.0)
+    diagonal = np.arange(matrix.shape[0])
+    blocks[:, diagonal, diagonal] += ~passive  # the identity off the passive set
+    rhs = np.where(passive, targets, 0.0)
+    try:
+        solution = np.linalg.solve(blocks, rhs[:, :, None])[:, :, 0]
+        if np.isfinite(solution).all():
+            return np.where(passive, solution, 0.0)
+    except np.linalg.LinAlgError:
+        pass
+    solution = np.zeros_like(targets)
+    for k, mask in enumerate(passive):
+        indices = np.flatnonzero(mask)
+        solution[k, indices] = _solve_psd(matrix[np.ix_(indices, indices)], targets[k, indices])
+    return solution
+
+
 def _solve_psd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve ``M x = b`` for a small PSD ``M``; least squares when ``M`` is singular."""
     try:
@@ -329,9 +412,14 @@ def project_dual_cone(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
     if scale == 0.0:
         return rows.reshape(weights.shape).copy()
     matrix = gramian / scale
-    projected = np.empty_like(rows)
-    for k, u in enumerate(rows):
-        projected[k] = u + nnls_gram(matrix, -(matrix @ u))
+    if matrix.shape[0] > _PYTHON_MAX_SIZE and rows.shape[0] > 1:
+        try:
+            return (rows + nnls_gram_rows(matrix, -(rows @ matrix))).reshape(weights.shape)
+        except SolverError:
+            # A least-squares block (numerically dependent gradients) for one row changes the
+            # others' steps in the batch; row by row, each row keeps its own.
+            pass
+    projected = np.array([u + nnls_gram(matrix, -(matrix @ u)) for u in rows])
     return projected.reshape(weights.shape)
 
 

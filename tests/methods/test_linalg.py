@@ -95,3 +95,21 @@ def test_any_initial_guess_reaches_the_same_minimum(problem, data):
 
     assert (warm >= 0).all()
     assert abs(objective(warm) - objective(cold)) <= 1e-12 * max(1.0, abs(objective(cold)))
+
+
+@given(least_squares(), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_rows_in_lockstep_match_one_by_one(problem, num_rows, seed):
+    A, _ = problem
+    scale = max(float((A * A).sum(axis=0).max()), 1e-300)
+    M = A.T @ A / scale
+    B = np.random.default_rng(seed).standard_normal((num_rows, A.shape[0]))
+    C = B @ A / scale  # targets in the range of M: every problem has a minimizer
+    Z = L.nnls_gram_rows(M, C)
+    for z, c in zip(Z, C, strict=True):
+        alone = L.nnls_gram(M, c)
+
+        def objective(x, c=c):
+            return float(x @ M @ x - 2 * c @ x)
+
+        assert (z >= 0).all()
+        assert abs(objective(z) - objective(alone)) <= 1e-12 * max(1.0, abs(objective(alone)))
