@@ -99,7 +99,7 @@ def test_lightning_steps_equal_a_plain_loop(example, tmp_path, method):
             if plain.gradnorm is not None:
                 plain.gradnorm.backward(losses)
             else:
-                optimizer.pc_backward(losses)
+                optimizer.backward(losses)
             optimizer.step()
 
     for name, parameter in plain.net.named_parameters():

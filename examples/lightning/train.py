@@ -104,7 +104,7 @@ class MultiTaskRegression(L.LightningModule):
             info = self.gradnorm.backward(losses)  # instead of self.manual_backward(loss)
             signals = {f"weight_{t}": w for t, w in enumerate(info.weights.tolist())}
         else:
-            info = optimizer.optimizer.pc_backward(losses)
+            info = optimizer.optimizer.backward(losses)  # instead of self.manual_backward(loss)
             signals = {"conflicts": float(info.num_conflicts)}
         optimizer.step()
 
