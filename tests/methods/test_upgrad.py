@@ -73,6 +73,7 @@ def test_preferences_and_non_conflict(J, data):
     G = J @ J.T
     w = upgrad_weights(G, pref)
     assert_no_conflict(G, w)
+    assert (w >= pref.double() - 1e-12).all()  # the projection only adds: v >= u
     if (G >= 0).all():  # no conflict: each scaled gradient is its own projection
         torch.testing.assert_close(w, pref.double(), rtol=1e-9, atol=1e-12)
 
