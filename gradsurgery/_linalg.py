@@ -6,7 +6,8 @@ solver library behind them. Every function takes and returns NumPy float64 array
 functions in :mod:`gradsurgery.functional` convert from and to tensors.
 
 Two quadratic programs cover MGDA, UPGrad, DualProj and CAGrad's sub-problem, and both reduce to
-one non-negative least-squares problem in Gram form (:func:`nnls_gram`):
+a non-negative least-squares problem in Gram form (:func:`nnls_gram`, and
+:func:`nnls_gram_rows` for many targets with one matrix):
 
 - the minimum-norm point of the convex hull of the task gradients (:func:`min_norm_simplex`);
 - the projection of ``J^T u`` onto the dual cone of the rows of ``J`` (:func:`project_dual_cone`).
