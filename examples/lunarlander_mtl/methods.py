@@ -1,16 +1,20 @@
 """How the three task losses become one gradient step: the only thing the study varies.
 
-    mean      optimizer.zero_grad(); mean(losses).backward();          optimizer.step()
-    pcgrad    optimizer.zero_grad(); optimizer.pc_backward(losses);    optimizer.step()
-    gradnorm  optimizer.zero_grad(); gradnorm.backward(losses);        optimizer.step()
+Every method is the same call: the optimizer wrapped with the method named by `--method`,
 
-PCGrad and GradNorm come from gradsurgery's public API only. `train.py` spells out the
-update; this module builds the objects and turns their diagnostics into log columns.
+    optimizer = gs.MultiTaskOptimizer(Adam(q_net.parameters()), gs.methods.PCGrad(...))
+    optimizer.zero_grad(); info = optimizer.backward(task_losses); optimizer.step()
+
+`--method` takes the name of any method in `gs.methods`, lower-cased (`mean`, `pcgrad`,
+`gradnorm`, ...); the methods of the study have their hyper-parameters as flags
+(`METHOD_OPTIONS`). gradsurgery's public API only; this module builds the wrapper and turns
+its diagnostics into log columns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -27,12 +31,24 @@ COSINE_COLUMNS = [f"cos_{TASK_NAMES[i]}_{TASK_NAMES[j]}" for i, j in TASK_PAIRS]
 WEIGHT_COLUMNS = [f"weight_{name}" for name in TASK_NAMES]
 SIGNAL_COLUMNS = ["conflict_rate", *COSINE_COLUMNS, *WEIGHT_COLUMNS]
 
+# Hyper-parameters given as flags: method name -> {method argument: Config field}.
+METHOD_OPTIONS: dict[str, dict[str, str]] = {
+    "pcgrad": {"reduction": "pcgrad_reduction"},
+    "gradnorm": {"alpha": "gradnorm_alpha", "lr": "gradnorm_lr"},
+}
+# Methods that balance the gradients of one layer: method name -> Config field of its name.
+SHARED_LAYER: dict[str, str] = {"gradnorm": "gradnorm_layer"}
+
+
+def method_classes() -> dict[str, type[gs.Method]]:
+    """Every method of the library by its lower-cased name: {'mean': gs.methods.Mean, ...}."""
+    return {name.lower(): getattr(gs.methods, name) for name in gs.methods.__all__}
+
 
 @dataclass
 class Method:
     name: str
-    optimizer: torch.optim.Optimizer | gs.PCGrad  # PCGrad wraps Adam and acts like it
-    gradnorm: gs.GradNorm | None = None
+    optimizer: gs.MultiTaskOptimizer  # wraps Adam and acts like it
     engine: gs.BatchPartitionEngine | None = None  # `--engine partition`
 
     def recording(self, batch_size: int):
@@ -42,15 +58,26 @@ class Method:
         return self.engine.record(task_sizes=[batch_size] * len(TASK_NAMES))
 
     def state_dict(self) -> dict:
-        return dict(
-            optimizer=self.optimizer.state_dict(),
-            gradnorm=None if self.gradnorm is None else self.gradnorm.state_dict(),
-        )
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.gradnorm is not None:
-            self.gradnorm.load_state_dict(state["gradnorm"])
+        if "gradnorm" in state:  # a checkpoint of an earlier version of this example
+            state = earlier_layout(state)
+        self.optimizer.load_state_dict(state)
+
+
+def earlier_layout(state: dict) -> dict:
+    """The wrapper's state_dict from `{optimizer, gradnorm}`, the layout of earlier versions
+    (the plain or PCGrad-wrapped optimizer, and a stand-alone GradNorm's state or None)."""
+    if "num_tasks" in state["optimizer"]:  # PCGrad: already the wrapper's state_dict
+        return state["optimizer"]
+    gradnorm = state["gradnorm"]
+    return dict(
+        optimizer=state["optimizer"],
+        method={} if gradnorm is None else gradnorm,
+        generator=None,
+        num_tasks=None if gradnorm is None else len(TASK_NAMES),
+    )
 
 
 def make_method(cfg: Config, q_net: nn.Module) -> Method:
@@ -63,45 +90,46 @@ def make_method(cfg: Config, q_net: nn.Module) -> Method:
     # fused=True: one kernel for the whole step, about 2x faster than the loop on CPU.
     optimizer = optimizer_cls(q_net.parameters(), lr=cfg.lr, fused=True, **kwargs)
 
-    if cfg.method == "mean":
-        return Method("mean", optimizer)
-    # How PCGrad/GradNorm get the per-task gradients: one autograd call per task, or one
-    # backward pass whose per-sample gradients are split by task (same result, faster).
-    if cfg.engine == "autograd":
-        engine = None
-    elif cfg.engine == "partition":
+    classes = method_classes()
+    if cfg.method not in classes:
+        raise ValueError(f"unknown method {cfg.method!r}: expected one of {', '.join(classes)}")
+    method_class = classes[cfg.method]
+    flags = METHOD_OPTIONS.get(cfg.method, {})
+    options = {arg: getattr(cfg, field) for arg, field in flags.items()}
+    if "generator" in inspect.signature(method_class).parameters:
+        # A random method (PCGrad's projection order) draws from its own generator, seeded
+        # by the run and saved in the optimizer's state_dict: a resumed run draws the same.
+        options["generator"] = torch.Generator().manual_seed(cfg.seed)
+    method = method_class(**options)
+
+    # Per-task gradients (methods that read more than the loss values): one autograd call
+    # per task, or one backward pass whose per-sample gradients are split by task.
+    engine = None
+    if method.needs > gs.Needs.LOSSES and cfg.engine == "partition":
         engine = gs.BatchPartitionEngine(q_net)
-    else:
-        raise ValueError(f"unknown engine {cfg.engine!r}: expected autograd or partition")
-    if cfg.method == "pcgrad":
-        # PCGrad visits the other tasks in random order; its own generator makes that
-        # order reproducible and is saved in its state_dict (so resume is exact).
-        generator = torch.Generator().manual_seed(cfg.seed)
-        shared = None  # default: every parameter all three tasks reach, embedding included
-        if not cfg.surgery_on_embedding:
-            shared = [p for n, p in q_net.named_parameters() if not n.startswith("task_embedding")]
-        pcgrad = gs.PCGrad(
-            optimizer,
-            reduction=cfg.pcgrad_reduction,
-            generator=generator,
-            shared_parameters=shared,
-            engine=engine,
-        )
-        return Method("pcgrad", pcgrad, engine=engine)
-    if cfg.method == "gradnorm":
-        shared_layer = getattr(q_net, cfg.gradnorm_layer)
-        gradnorm = gs.GradNorm(
-            num_tasks=len(TASK_NAMES),
-            shared_parameters=shared_layer.parameters(),
-            alpha=cfg.gradnorm_alpha,
-            lr=cfg.gradnorm_lr,
-            engine=engine,
-        )
-        return Method("gradnorm", optimizer, gradnorm, engine)
-    raise ValueError(f"unknown method {cfg.method!r}: expected mean, pcgrad or gradnorm")
+    wrapper = gs.MultiTaskOptimizer(
+        optimizer, method, shared_parameters=shared_parameters(cfg, q_net), engine=engine
+    )
+    return Method(cfg.method, wrapper, engine)
 
 
-def signals(info: gs.PCGradInfo | gs.GradNormInfo | None) -> dict[str, float]:
+def shared_parameters(cfg: Config, q_net: nn.Module) -> list[nn.Parameter] | None:
+    """What the method reads the task gradients of (None: all that every task reaches)."""
+    if cfg.method in SHARED_LAYER:  # GradNorm balances the norms at one shared layer
+        layer_name = getattr(cfg, SHARED_LAYER[cfg.method])
+        layers = dict(q_net.named_children())
+        if layer_name not in layers:
+            raise ValueError(
+                f"--gradnorm-layer {layer_name!r} is not a layer of the {cfg.network} network; "
+                f"its layers: {', '.join(layers)}"
+            )
+        return list(layers[layer_name].parameters())
+    if not cfg.surgery_on_embedding:  # the task embedding gets the plain mean, unprojected
+        return [p for n, p in q_net.named_parameters() if not n.startswith("task_embedding")]
+    return None  # every parameter all three tasks reach, the task embedding included
+
+
+def signals(info: gs.StepInfo | None) -> dict[str, float]:
     """The per-update diagnostics logged for each method (averaged over an episode)."""
     if isinstance(info, gs.PCGradInfo):
         out = {"conflict_rate": float(info.conflict_rate)}

@@ -353,14 +353,9 @@ def _train(
                 batch = buffer.sample_all(cfg.batch_size)  # 64 per task, task-major
                 with method.recording(cfg.batch_size):  # no-op unless --engine partition
                     losses = td_losses(q_net, target_net, batch, task_ids, cfg)  # [3]
-                info = None
+                # The method under study turns the three task losses into one gradient.
                 method.optimizer.zero_grad()
-                if method.name == "mean":
-                    losses.mean().backward()
-                elif method.name == "pcgrad":  # project away conflicting components
-                    info = method.optimizer.pc_backward(list(losses))
-                elif method.name == "gradnorm":  # re-weight the tasks, then backward
-                    info = method.gradnorm.backward(list(losses))
+                info = method.optimizer.backward(list(losses))
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
                 method.optimizer.step()

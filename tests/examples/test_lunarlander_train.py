@@ -219,7 +219,7 @@ def test_embedding_left_out_of_the_surgery_gets_its_plain_gradient():
     # opposite targets: the tasks' gradients conflict on the shared layers
     losses = [(q[2 * t : 2 * t + 2] - (1.0 if t % 2 else -1.0)).pow(2).mean() for t in range(3)]
     method.optimizer.zero_grad()
-    info = method.optimizer.pc_backward(losses)
+    info = method.optimizer.backward(losses)
     assert info.num_conflicts > 0
     embedding = q_net.task_embedding.weight
     plain = [
