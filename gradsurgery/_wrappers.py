@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ._info import GradNormInfo, StepInfo
 from ._jacobian import Engine
+from ._representation import representation_step
 from ._step import UpdatePipeline
 from ._validation import (
     as_parameter_list,
@@ -148,7 +149,11 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     # -- the update ------------------------------------------------------------------------------
     def backward(
-        self, losses: Sequence[Tensor], *, grad_scaler: torch.amp.GradScaler | None = None
+        self,
+        losses: Sequence[Tensor],
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        representation: Tensor | Sequence[Tensor] | None = None,
     ) -> StepInfo:
         """Write the method's combination of the task gradients into ``.grad``.
 
@@ -163,6 +168,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             Scale the losses with it (mixed precision). The method and the info see the
             unscaled gradients; non-finite gradients are written as they are, for
             ``grad_scaler.step`` to skip the step and lower the scale.
+        representation : Tensor or sequence of Tensor, optional
+            Representation mode (see :doc:`/guide/shared_input`): the shared encoder's output,
+            as the heads read it. The method decides from the task gradients of this tensor
+            (taken through the heads only), and their combination is backpropagated through
+            the encoder in one pass. ``None`` (default): the exact task gradients of the
+            parameters.
 
         Returns
         -------
@@ -179,7 +190,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         params = [p for p in params if p.requires_grad]
-        info, skip = self._pipeline.run(losses, params, grad_scaler=grad_scaler)
+        if representation is None:
+            info, skip = self._pipeline.run(losses, params, grad_scaler=grad_scaler)
+        else:
+            info, skip = representation_step(
+                self._pipeline, losses, representation, params, grad_scaler=grad_scaler
+            )
         self._skip_next_step = skip
         return info
 

@@ -1,0 +1,318 @@
+"""Representation mode: the method works on the task gradients of a shared representation.
+
+In a shared-input model (one encoder, one head per task, every task reading the same batch)
+the exact per-task gradients of the encoder cost one backward pass through it per task. The
+field's fast alternative (Sener & Koltun 2018, "MGDA-UB"; LibMTL's ``rep_grad``; the "UB"
+variant of Aligned-MTL) takes the task gradients with respect to the encoder's output ``z``
+instead (through the heads only), lets the method decide from their ``[T, T]`` Gramian, and
+backpropagates the one combined gradient ``sum_i w_i dL_i/dz`` through the encoder.
+
+What is approximated: the method reads ``G_ij = <dL_i/dz, dL_j/dz>`` over every element of
+``z`` (for a ``[B, D]`` representation, the sum over the batch of the per-sample dot products)
+instead of the Gramian of the encoder's parameter gradients, ``J_i^T J_j`` with
+``J = dz/dtheta``. Given the weights, the encoder's gradient is exact:
+``sum_i w_i dL_i/dtheta = (dz/dtheta)^T sum_i w_i dL_i/dz``. Heads get their own gradients as
+the method's ``unshared`` rule says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._distributed import synchronizer
+from ._grads import all_finite
+from ._info import StepInfo
+from ._jacobian import TaskJacobian
+from ._step import UpdatePipeline, _per_parameter_weights, _Refused
+from ._validation import check_losses, loss_values
+from ._weighting import Needs, TaskStats
+
+__all__ = ["check_representation", "representation_step"]
+
+_AccumulateGrad = torch._C._functions.AccumulateGrad
+
+
+def check_representation(representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """The representation as a list of tensors, refused when it cannot be one."""
+    tensors = [representation] if isinstance(representation, Tensor) else list(representation)
+    if not tensors:
+        raise ValueError("representation is empty: pass the encoder's output (one or more tensors)")
+    for k, z in enumerate(tensors):
+        name = "representation" if len(tensors) == 1 else f"representation[{k}]"
+        if not isinstance(z, Tensor):
+            raise TypeError(f"{name} is a {type(z).__name__}, not a torch.Tensor")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} has dtype {z.dtype}, expected a float dtype")
+        if z.grad_fn is None:
+            raise ValueError(
+                f"{name} has no autograd graph behind it (a detached copy, or an input?): pass "
+                "the encoder's output itself, as the heads read it, so that the combined "
+                "gradient can flow back through the encoder"
+            )
+    if len({id(z) for z in tensors}) < len(tensors):
+        raise ValueError("representation holds the same tensor twice")
+    return tensors
+
+
+def representation_step(
+    pipeline: UpdatePipeline,
+    losses: Sequence[Tensor],
+    representation: Tensor | Sequence[Tensor],
+    params: list[Tensor],
+    *,
+    grad_scaler: torch.amp.GradScaler | None = None,
+) -> tuple[StepInfo, bool]:
+    """One step of ``pipeline``'s method in representation mode; writes ``.grad`` of
+    ``params``. Returns the info and whether the optimizer's next step must be skipped."""
+    method = pipeline.method
+    losses = check_losses(losses, pipeline.num_tasks)
+    num_tasks = len(losses)
+    method.check_num_tasks(num_tasks)
+    reps = check_representation(representation)
+    if synchronizer(pipeline.distributed, pipeline.process_group) is not None:
+        raise ValueError(
+            "representation mode does not synchronize across processes: every process's "
+            "representation holds other samples, so their gradients cannot be averaged; "
+            "construct the optimizer with distributed=False to decide per process, or leave "
+            "representation= out for the exact mode"
+        )
+    heads = _heads(losses, reps, params)
+    values = loss_values(losses)
+    try:
+        pipeline._check_values(values, "loss")
+        if method.needs == Needs.LOSSES:  # no task gradient at all: the exact update is as cheap
+            info, skip = pipeline.run(losses, params, grad_scaler=grad_scaler)
+            return info, skip
+        scale = None if grad_scaler is None else float(grad_scaler.get_scale())
+        scaled = losses if grad_scaler is None else [grad_scaler.scale(x) for x in losses]
+        info = _step(pipeline, scaled, values, reps, heads, params, scale)
+    except _Refused as refused:
+        return pipeline._skipped_info(values, refused.tasks), True
+    if pipeline.num_tasks is None:
+        pipeline.num_tasks = num_tasks
+    return info, False
+
+
+def _step(
+    pipeline: UpdatePipeline,
+    losses: list[Tensor],
+    values: list[float],
+    reps: list[Tensor],
+    heads: list[Tensor],
+    params: list[Tensor],
+    scale: float | None,
+) -> StepInfo:
+    method, needs = pipeline.method, pipeline.method.needs
+    rep_jacobian, head_jacobian = _task_gradients(losses, reps, heads)
+
+    gramian = squared_norms = None
+    if needs >= Needs.GRAMIAN:
+        gramian = rep_jacobian.gramian_rows()
+        total = sum(map(sum, gramian))
+    else:
+        squared_norms = rep_jacobian.squared_norm_values()
+        total = sum(squared_norms)
+    if not math.isfinite(total) or not all_finite([head_jacobian.dense]):
+        bad = sorted({*rep_jacobian.nonfinite_tasks(), *head_jacobian.nonfinite_tasks()})
+        if bad:
+            if scale is None:
+                pipeline._refuse(bad, "gradient")
+            # An overflow under a GradScaler: left in .grad, for the scaler to skip the step.
+            ones = [1.0] * len(values)
+            _write(
+                pipeline, reps, heads, params, rep_jacobian, head_jacobian, ones, None, None, scale
+            )
+            return method.info_class(values, gramian=gramian, skipped=True, nonfinite_tasks=bad)
+    if scale is not None:  # the method and the info see the unscaled gradients
+        if gramian is not None:
+            gramian = [[g / scale / scale for g in row] for row in gramian]
+        if squared_norms is not None:
+            squared_norms = [s / scale / scale for s in squared_norms]
+        if needs == Needs.JACOBIAN:
+            rep_jacobian.dense.div_(scale)
+
+    stats = TaskStats(
+        losses=tuple(values),
+        gramian_rows=gramian,
+        squared_norms=None if squared_norms is None else tuple(squared_norms),
+        jacobian=rep_jacobian if needs == Needs.JACOBIAN else None,
+    )
+    with pipeline._rollback_on_error():
+        decision = method.decide(stats)
+        weights = pipeline._weights(decision, len(values))
+        direction = decision.direction
+        if direction is not None and scale is not None:
+            direction = [d * scale for d in direction]
+        finite = _write(
+            pipeline,
+            reps,
+            heads,
+            params,
+            rep_jacobian,
+            head_jacobian,
+            weights,
+            direction,
+            decision,
+            scale,
+        )
+        if not finite:  # under a GradScaler: left in .grad for the scaler to skip the step
+            return method.info_class(
+                values, weights=weights, gramian=gramian, squared_norms=squared_norms, skipped=True
+            )
+    return pipeline._commit(decision, weights, values, gramian, squared_norms)
+
+
+def _heads(losses: list[Tensor], reps: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """The optimized parameters the losses reach without passing through the representation.
+
+    Walks the losses' graph and stops at the representation's edges, so only the heads are
+    visited. Refuses a representation that no loss reads and a loss that does not read it.
+    """
+    stops = {(z.grad_fn, z.output_nr): k for k, z in enumerate(reps)}
+    leaves: dict[int, Tensor] = {}
+    hits = [_walk(loss, stops, leaves) for loss in losses]
+    used = set().union(*hits)
+    unused = [k for k in range(len(reps)) if k not in used]
+    if unused:
+        which = "representation" if len(reps) == 1 else f"representation{unused}"
+        raise ValueError(
+            f"{which} is read by no loss (not in the losses' graph): pass the encoder's "
+            "output that the heads compute the losses from"
+        )
+    for i, hit in enumerate(hits):
+        if not hit:
+            raise ValueError(
+                f"the loss of task {i} does not depend on the representation, so its "
+                "gradient there is zero and the method would decide from nothing: pass the "
+                "tensor every head reads (or leave this loss out, or leave representation= out)"
+            )
+    return [p for p in params if id(p) in leaves]
+
+
+def _walk(loss: Tensor, stops: dict[tuple[Any, int], int], leaves: dict[int, Tensor]) -> set[int]:
+    """The representations ``loss`` reads; adds the leaves it reaches around them to ``leaves``."""
+    hit: set[int] = set()
+    root = (loss.grad_fn, loss.output_nr)
+    if root in stops:
+        return {stops[root]}
+    stack, seen = [loss.grad_fn], {loss.grad_fn}
+    while stack:
+        node = stack.pop()
+        if type(node) is _AccumulateGrad:
+            leaves[id(node.variable)] = node.variable
+            continue
+        for edge in node.next_functions:
+            next_node = edge[0]
+            if next_node is None:
+                continue
+            if edge in stops:
+                hit.add(stops[edge])
+            elif next_node not in seen:
+                seen.add(next_node)
+                stack.append(next_node)
+    return hit
+
+
+def _task_gradients(
+    losses: list[Tensor], reps: list[Tensor], heads: list[Tensor]
+) -> tuple[TaskJacobian, TaskJacobian]:
+    """Every task's gradient of the representation and of the heads: one autograd call per
+    task, through the heads only (the encoder is no input, so autograd leaves it alone)."""
+    rep_numels = [z.numel() for z in reps]
+    head_numels = [p.numel() for p in heads]
+    dtypes = {p.dtype for p in heads}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"the heads' parameters must share one dtype, found {sorted(map(str, dtypes))}"
+        )
+    first = reps[0]
+    rep_matrix = first.new_zeros(len(losses), sum(rep_numels))
+    head_dtype = heads[0].dtype if heads else first.dtype
+    head_matrix = first.new_zeros(len(losses), sum(head_numels), dtype=head_dtype)
+    reached = np.zeros((len(losses), len(heads)), dtype=bool)
+    inputs = [*reps, *heads]
+    for i, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        rep_rows, head_rows = rep_matrix[i].split(rep_numels), head_matrix[i].split(head_numels)
+        for row, g in zip(rep_rows, grads[: len(reps)], strict=True):
+            if g is not None:  # checked by the graph walk: every task reads some of them
+                row.copy_(g.reshape(-1))
+        for k, (row, g) in enumerate(zip(head_rows, grads[len(reps) :], strict=True)):
+            if g is not None:
+                row.copy_(g.reshape(-1))
+                reached[i, k] = True
+    rep_jacobian = TaskJacobian(rep_matrix, None, rep_numels)
+    return rep_jacobian, TaskJacobian(head_matrix, reached, head_numels)
+
+
+def _write(
+    pipeline: UpdatePipeline,
+    reps: list[Tensor],
+    heads: list[Tensor],
+    params: list[Tensor],
+    rep_jacobian: TaskJacobian,
+    head_jacobian: TaskJacobian,
+    weights: list[float],
+    direction: list[Tensor] | None,
+    decision: Any,
+    scale: float | None,
+) -> bool:
+    """Backpropagate the combined representation gradient through the encoder (one pass),
+    combine the heads' gradients, check and write both; ``False`` when the result is not
+    finite (under a GradScaler, for the scaler to skip; otherwise refused before writing)."""
+    combined_rep = direction if direction is not None else rep_jacobian.combine(weights)
+    head_ids = {id(p) for p in heads}
+    encoder = [p for p in params if id(p) not in head_ids]
+    # The heads are asked too: one that the representation also depends on (a weight tied
+    # between encoder and head) would otherwise lose the encoder's part of its gradient.
+    found = torch.autograd.grad(
+        reps,
+        [*encoder, *heads],
+        grad_outputs=[g.view_as(z) for g, z in zip(combined_rep, reps, strict=True)],
+        allow_unused=True,
+    )
+    tied = [k for k, g in enumerate(found[len(encoder) :]) if g is not None]
+    if tied:
+        shapes = ", ".join(str(tuple(heads[k].shape)) for k in tied)
+        raise ValueError(
+            f"parameter(s) of shape {shapes} reach the losses both through the representation "
+            "and around it (a weight tied between encoder and head, or a skip connection past "
+            "the representation?): mark every tensor the heads read from the encoder as "
+            "representation, or leave representation= out for the exact mode"
+        )
+    found = found[: len(encoder)]
+    targets = [p for p, g in zip(encoder, found, strict=True) if g is not None]
+    grads = [g.reshape(-1) for g in found if g is not None]
+    if heads:
+        reached = head_jacobian.reached
+        shared = pipeline._shared_ids
+        mask = (
+            reached.all(axis=0)
+            if shared is None
+            else np.array([id(p) in shared for p in heads], dtype=bool)
+        )
+        rule = pipeline.method.unshared
+        head_weights = (
+            weights if rule == "weights" else _per_parameter_weights(weights, mask, reached, rule)
+        )
+        kept = reached.any(axis=0)
+        for p, g, k in zip(heads, head_jacobian.combine(head_weights), kept, strict=True):
+            if k:  # a head no task reaches keeps its .grad, as after backward()
+                targets.append(p)
+                grads.append(g)
+    if not targets:
+        raise ValueError(
+            "no parameter of the wrapped optimizer is reached by any loss: the losses do not "
+            "depend on the parameters being optimized"
+        )
+    finite = all_finite(grads)
+    if not finite and scale is None:
+        pipeline._refuse_weighted()
+    pipeline._write(targets, grads, decision, scale)
+    return finite
