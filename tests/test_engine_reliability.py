@@ -638,3 +638,27 @@ def test_the_check_keeps_factored_layers_factored(monkeypatch):
         actual = engine.jacobian(losses, list(model.parameters()))
     assert len(calls) == 1 and actual.factored
     torch.testing.assert_close(actual.matrix, expected.matrix, **CLOSE64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_check_allows_for_autocast_precision_and_still_catches_mixing(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 4)
+    ).to(device)
+    x, y = torch.randn(192, 8, device=device), torch.randn(192, 4, device=device)
+    for mixing in (False, True):
+        engine = gs.BatchPartitionEngine(model)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            with engine.record([64, 64, 64]):
+                out = model(x)
+            if mixing:  # the batch's mean reads every task's rows
+                out = out - out.mean()
+            pairs = zip(out.split(64), y.split(64), strict=True)
+            losses = [(o.float() - t).pow(2).mean() for o, t in pairs]
+        if mixing:
+            with pytest.raises(RuntimeError, match="mixes samples"):
+                engine.jacobian(losses, list(model.parameters()))
+        else:  # bfloat16 rounding is not taken for mixing
+            engine.jacobian(losses, list(model.parameters()))
+        engine.remove()
