@@ -25,18 +25,8 @@ def task_jacobian(
 
     The graph is retained between tasks and freed after the last one unless ``retain_graph``.
     """
+    _check_jacobian_params(params)
     first = params[0]
-    if any(p.dtype != first.dtype or p.device != first.device for p in params):
-        raise ValueError(
-            "all parameters must share one dtype and device for the per-task gradient matrix; "
-            f"found {sorted({(str(p.dtype), str(p.device)) for p in params})}"
-        )
-    if first.is_complex():
-        raise TypeError(
-            f"complex parameters ({first.dtype}) are not supported: the methods compare task "
-            "gradients by real dot products; keep the real and imaginary parts as two real "
-            "parameters"
-        )
     numels = [p.numel() for p in params]
     matrix = torch.zeros(len(losses), sum(numels), dtype=first.dtype, device=first.device)
     reached = np.zeros((len(losses), len(params)), dtype=bool)
@@ -56,6 +46,69 @@ def task_jacobian(
     return TaskJacobian(matrix, reached, numels)
 
 
+def batched_task_jacobian(
+    losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
+) -> TaskJacobian | None:
+    """Per-task gradients of ``params`` from one vectorized backward pass.
+
+    The ``T`` cotangents (the rows of the identity) go through the graph together
+    (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the backward formulas):
+    one pass whose every operation handles ``T`` gradients at once, instead of ``T`` passes.
+    Returns ``None`` when some operation of the graph has no batched backward (a custom
+    ``autograd.Function`` without a vmap rule, some fused kernels): the graph is kept for the
+    caller's per-task fallback.
+    """
+    _check_jacobian_params(params)
+    stacked = torch.stack(list(losses))
+    cotangents = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    try:
+        # The graph is kept even after success when asked, and always kept on failure:
+        # vmap may fail halfway through the pass, after autograd freed some of its buffers.
+        grads = torch.autograd.grad(
+            stacked,
+            params,
+            cotangents,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError as error:
+        if "sparse" in str(error):
+            raise
+        return None
+    numels = [p.numel() for p in params]
+    first = params[0]
+    matrix = torch.zeros(len(losses), sum(numels), dtype=first.dtype, device=first.device)
+    blocks = matrix.split(numels, dim=1)
+    hit = [k for k, g in enumerate(grads) if g is not None]
+    if hit:
+        torch._foreach_copy_(
+            [blocks[k] for k in hit], [grads[k].reshape(len(losses), -1) for k in hit]
+        )
+    # Which parameters each task reaches is a property of its graph, not of its values (a
+    # reached gradient may be zero): one walk per task.
+    positions = {id(p): k for k, p in enumerate(params)}
+    reached = np.zeros((len(losses), len(params)), dtype=bool)
+    for i, loss in enumerate(losses):
+        reached[i, [positions[id(q)] for q in graph_leaves([loss]) if id(q) in positions]] = True
+    return TaskJacobian(matrix, reached, numels)
+
+
+def _check_jacobian_params(params: Sequence[Tensor]) -> None:
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        raise ValueError(
+            "all parameters must share one dtype and device for the per-task gradient matrix; "
+            f"found {sorted({(str(p.dtype), str(p.device)) for p in params})}"
+        )
+    if first.is_complex():
+        raise TypeError(
+            f"complex parameters ({first.dtype}) are not supported: the methods compare task "
+            "gradients by real dot products; keep the real and imaginary parts as two real "
+            "parameters"
+        )
+
+
 def _refuse_sparse(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
     sparse = [k for k, g in enumerate(grads) if g is not None and g.layout != torch.strided]
     if sparse:
@@ -68,9 +121,23 @@ def _refuse_sparse(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> 
 
 
 class AutogradEngine:
-    """The default engine: one autograd call per task (see :func:`task_jacobian`)."""
+    """The default engine: one autograd call per task (see :func:`task_jacobian`).
+
+    Parameters
+    ----------
+    batched : bool
+        Take the ``T`` task gradients in one vectorized backward pass instead
+        (:func:`batched_task_jacobian`); a graph with an operation vmap cannot batch falls
+        back to one call per task, and the engine stops trying from then on.
+    """
 
     single_backward = False
+
+    def __init__(self, batched: bool = False) -> None:
+        if not isinstance(batched, bool):
+            raise TypeError(f"batched must be True or False, got {batched!r}")
+        self.batched = batched
+        self.fell_back = False  # set when a graph could not be batched
 
     def jacobian(
         self,
@@ -83,15 +150,22 @@ class AutogradEngine:
         """Per-task gradients of ``params``. ``reuse`` is accepted for the engines' common
         signature: with T backward passes, an allocation per step is not worth saving."""
         del reuse
+        if self.batched and not self.fell_back and len(losses) > 1:
+            jacobian = batched_task_jacobian(losses, params, retain_graph=retain_graph)
+            if jacobian is not None:
+                return jacobian
+            self.fell_back = True  # a graph vmap cannot batch: the same model will not change
         return task_jacobian(losses, params, retain_graph=retain_graph)
 
     def reached_jacobian(
         self, losses: Sequence[Tensor], leading: Sequence[Tensor], *, reuse: bool = False
     ) -> tuple[list[Tensor], TaskJacobian]:
         """Per-task gradients of ``leading``, then of every other parameter the losses reach."""
-        del reuse
         params = unique_tensors([*leading, *graph_leaves(losses)])
-        return params, task_jacobian(losses, params)
+        return params, self.jacobian(losses, params, reuse=reuse)
+
+    def __repr__(self) -> str:
+        return f"AutogradEngine(batched={self.batched})"
 
 
 def task_gradients(

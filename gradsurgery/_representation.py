@@ -82,7 +82,7 @@ def representation_step(
             "construct the optimizer with distributed=False to decide per process, or leave "
             "representation= out for the exact mode"
         )
-    heads = _heads(losses, reps, params)
+    heads, reached = _heads(losses, reps, params)
     values = loss_values(losses)
     try:
         pipeline._check_values(values, "loss")
@@ -91,7 +91,7 @@ def representation_step(
             return info, skip
         scale = None if grad_scaler is None else float(grad_scaler.get_scale())
         scaled = losses if grad_scaler is None else [grad_scaler.scale(x) for x in losses]
-        info = _step(pipeline, scaled, values, reps, heads, params, scale)
+        info = _step(pipeline, scaled, values, reps, heads, reached, params, scale)
     except _Refused as refused:
         return pipeline._skipped_info(values, refused.tasks), True
     if pipeline.num_tasks is None:
@@ -105,11 +105,12 @@ def _step(
     values: list[float],
     reps: list[Tensor],
     heads: list[Tensor],
+    reached: np.ndarray,
     params: list[Tensor],
     scale: float | None,
 ) -> StepInfo:
     method, needs = pipeline.method, pipeline.method.needs
-    rep_jacobian, head_jacobian = _task_gradients(losses, reps, heads)
+    rep_jacobian, head_jacobian = _task_gradients(losses, reps, heads, reached)
 
     gramian = squared_norms = None
     if needs >= Needs.GRAMIAN:
@@ -168,16 +169,18 @@ def _step(
     return pipeline._commit(decision, weights, values, gramian, squared_norms)
 
 
-def _heads(losses: list[Tensor], reps: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-    """The optimized parameters the losses reach without passing through the representation.
+def _heads(
+    losses: list[Tensor], reps: list[Tensor], params: list[Tensor]
+) -> tuple[list[Tensor], np.ndarray]:
+    """The optimized parameters the losses reach without passing through the representation,
+    and which task reaches which (``[T, n_heads]`` bool).
 
     Walks the losses' graph and stops at the representation's edges, so only the heads are
     visited. Refuses a representation that no loss reads and a loss that does not read it.
     """
     stops = {(z.grad_fn, z.output_nr): k for k, z in enumerate(reps)}
-    leaves: dict[int, Tensor] = {}
-    hits = [_walk(loss, stops, leaves) for loss in losses]
-    used = set().union(*hits)
+    walks = [_walk(loss, stops) for loss in losses]
+    used = set().union(*(hit for hit, _ in walks))
     unused = [k for k in range(len(reps)) if k not in used]
     if unused:
         which = "representation" if len(reps) == 1 else f"representation{unused}"
@@ -185,27 +188,30 @@ def _heads(losses: list[Tensor], reps: list[Tensor], params: list[Tensor]) -> li
             f"{which} is read by no loss (not in the losses' graph): pass the encoder's "
             "output that the heads compute the losses from"
         )
-    for i, hit in enumerate(hits):
+    for i, (hit, _) in enumerate(walks):
         if not hit:
             raise ValueError(
                 f"the loss of task {i} does not depend on the representation, so its "
                 "gradient there is zero and the method would decide from nothing: pass the "
                 "tensor every head reads (or leave this loss out, or leave representation= out)"
             )
-    return [p for p in params if id(p) in leaves]
+    heads = [p for p in params if any(id(p) in leaves for _, leaves in walks)]
+    reached = np.array([[id(p) in leaves for p in heads] for _, leaves in walks], dtype=bool)
+    return heads, reached.reshape(len(losses), len(heads))
 
 
-def _walk(loss: Tensor, stops: dict[tuple[Any, int], int], leaves: dict[int, Tensor]) -> set[int]:
-    """The representations ``loss`` reads; adds the leaves it reaches around them to ``leaves``."""
+def _walk(loss: Tensor, stops: dict[tuple[Any, int], int]) -> tuple[set[int], set[int]]:
+    """The representations ``loss`` reads, and the ids of the leaves it reaches around them."""
     hit: set[int] = set()
+    leaves: set[int] = set()
     root = (loss.grad_fn, loss.output_nr)
     if root in stops:
-        return {stops[root]}
+        return {stops[root]}, leaves
     stack, seen = [loss.grad_fn], {loss.grad_fn}
     while stack:
         node = stack.pop()
         if type(node) is _AccumulateGrad:
-            leaves[id(node.variable)] = node.variable
+            leaves.add(id(node.variable))
             continue
         for edge in node.next_functions:
             next_node = edge[0]
@@ -216,39 +222,38 @@ def _walk(loss: Tensor, stops: dict[tuple[Any, int], int], leaves: dict[int, Ten
             elif next_node not in seen:
                 seen.add(next_node)
                 stack.append(next_node)
-    return hit
+    return hit, leaves
 
 
 def _task_gradients(
-    losses: list[Tensor], reps: list[Tensor], heads: list[Tensor]
+    losses: list[Tensor], reps: list[Tensor], heads: list[Tensor], reached: np.ndarray
 ) -> tuple[TaskJacobian, TaskJacobian]:
     """Every task's gradient of the representation and of the heads: one autograd call per
-    task, through the heads only (the encoder is no input, so autograd leaves it alone)."""
-    rep_numels = [z.numel() for z in reps]
-    head_numels = [p.numel() for p in heads]
+    task, through the heads only (the encoder is no input, so autograd leaves it alone).
+
+    One call per task rather than one vectorized call over the ``T`` cotangents
+    (``is_grads_batched``): for small heads, vmap's overhead costs more than the calls
+    (``benchmarks/shared_input.py``)."""
     dtypes = {p.dtype for p in heads}
     if len(dtypes) > 1:
         raise ValueError(
             f"the heads' parameters must share one dtype, found {sorted(map(str, dtypes))}"
         )
     first = reps[0]
+    rep_numels, head_numels = [z.numel() for z in reps], [p.numel() for p in heads]
     rep_matrix = first.new_zeros(len(losses), sum(rep_numels))
     head_dtype = heads[0].dtype if heads else first.dtype
     head_matrix = first.new_zeros(len(losses), sum(head_numels), dtype=head_dtype)
-    reached = np.zeros((len(losses), len(heads)), dtype=bool)
     inputs = [*reps, *heads]
     for i, loss in enumerate(losses):
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rep_rows, head_rows = rep_matrix[i].split(rep_numels), head_matrix[i].split(head_numels)
-        for row, g in zip(rep_rows, grads[: len(reps)], strict=True):
-            if g is not None:  # checked by the graph walk: every task reads some of them
-                row.copy_(g.reshape(-1))
-        for k, (row, g) in enumerate(zip(head_rows, grads[len(reps) :], strict=True)):
-            if g is not None:
-                row.copy_(g.reshape(-1))
-                reached[i, k] = True
-    rep_jacobian = TaskJacobian(rep_matrix, None, rep_numels)
-    return rep_jacobian, TaskJacobian(head_matrix, reached, head_numels)
+        rows = [*rep_matrix[i].split(rep_numels), *head_matrix[i].split(head_numels)]
+        hit = [k for k, g in enumerate(grads) if g is not None]
+        torch._foreach_copy_([rows[k] for k in hit], [grads[k].reshape(-1) for k in hit])
+    return (
+        TaskJacobian(rep_matrix, None, rep_numels),
+        TaskJacobian(head_matrix, reached, head_numels),
+    )
 
 
 def _write(
