@@ -641,15 +641,18 @@ def test_the_check_keeps_factored_layers_factored(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_check_allows_for_autocast_precision_and_still_catches_mixing(device):
+@pytest.mark.parametrize("precision", ["autocast", "bfloat16", "float16"])
+def test_the_check_allows_for_reduced_precision_and_still_catches_mixing(device, precision):
     torch.manual_seed(0)
+    dtype = torch.float32 if precision == "autocast" else getattr(torch, precision)
     model = nn.Sequential(
         nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 4)
-    ).to(device)
-    x, y = torch.randn(192, 8, device=device), torch.randn(192, 4, device=device)
+    ).to(device, dtype)
+    x = torch.randn(192, 8, device=device, dtype=dtype)
+    y = torch.randn(192, 4, device=device)
     for mixing in (False, True):
         engine = gs.BatchPartitionEngine(model)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast"):
             with engine.record([64, 64, 64]):
                 out = model(x)
             if mixing:  # the batch's mean reads every task's rows
