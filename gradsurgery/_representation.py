@@ -30,10 +30,12 @@ from ._grads import all_finite
 from ._info import StepInfo
 from ._jacobian import TaskJacobian
 from ._step import UpdatePipeline, _per_parameter_weights, _Refused
-from ._validation import check_losses, loss_values
+from ._validation import check_choice, check_losses, loss_values
 from ._weighting import Needs, TaskStats
 
-__all__ = ["check_representation", "representation_step"]
+__all__ = ["BATCH_CONVENTIONS", "check_representation", "representation_step"]
+
+BATCH_CONVENTIONS = ("samples", "sum")
 
 _AccumulateGrad = torch._C._functions.AccumulateGrad
 
@@ -67,14 +69,34 @@ def representation_step(
     params: list[Tensor],
     *,
     grad_scaler: torch.amp.GradScaler | None = None,
+    batch: str = "samples",
 ) -> tuple[StepInfo, bool]:
     """One step of ``pipeline``'s method in representation mode; writes ``.grad`` of
-    ``params``. Returns the info and whether the optimizer's next step must be skipped."""
+    ``params``. Returns the info and whether the optimizer's next step must be skipped.
+
+    ``batch="samples"``: the Gramian of the flattened representation gradients (the sum over
+    the batch of per-sample dot products, as the authors of MGDA-UB compute it);
+    ``"sum"``: of the gradients summed over the batch dimension first (LibMTL's ``rep_grad``).
+    """
     method = pipeline.method
+    check_choice("representation_batch", batch, BATCH_CONVENTIONS)
     losses = check_losses(losses, pipeline.num_tasks)
     num_tasks = len(losses)
     method.check_num_tasks(num_tasks)
     reps = check_representation(representation)
+    if batch == "sum":
+        if method.needs == Needs.JACOBIAN:
+            raise ValueError(
+                f"{type(method).__name__} reads the gradients' coordinates, which a sum over "
+                "the batch would not map back to the samples: use representation_batch="
+                "'samples'"
+            )
+        flat = [k for k, z in enumerate(reps) if z.dim() == 0]
+        if flat:
+            raise ValueError(
+                f"representation {flat} is a scalar, with no batch dimension to sum over: use "
+                "representation_batch='samples'"
+            )
     if synchronizer(pipeline.distributed, pipeline.process_group) is not None:
         raise ValueError(
             "representation mode does not synchronize across processes: every process's "
@@ -91,7 +113,7 @@ def representation_step(
             return info, skip
         scale = None if grad_scaler is None else float(grad_scaler.get_scale())
         scaled = losses if grad_scaler is None else [grad_scaler.scale(x) for x in losses]
-        info = _step(pipeline, scaled, values, reps, heads, reached, params, scale)
+        info = _step(pipeline, scaled, values, reps, heads, reached, params, scale, batch)
     except _Refused as refused:
         return pipeline._skipped_info(values, refused.tasks), True
     if pipeline.num_tasks is None:
@@ -108,16 +130,18 @@ def _step(
     reached: np.ndarray,
     params: list[Tensor],
     scale: float | None,
+    batch: str,
 ) -> StepInfo:
     method, needs = pipeline.method, pipeline.method.needs
     rep_jacobian, head_jacobian = _task_gradients(losses, reps, heads, reached)
+    stats_jacobian = rep_jacobian if batch == "samples" else _summed_over_batch(rep_jacobian, reps)
 
     gramian = squared_norms = None
     if needs >= Needs.GRAMIAN:
-        gramian = rep_jacobian.gramian_rows()
+        gramian = stats_jacobian.gramian_rows()
         total = sum(map(sum, gramian))
     else:
-        squared_norms = rep_jacobian.squared_norm_values()
+        squared_norms = stats_jacobian.squared_norm_values()
         total = sum(squared_norms)
     if not math.isfinite(total) or not all_finite([head_jacobian.dense]):
         bad = sorted({*rep_jacobian.nonfinite_tasks(), *head_jacobian.nonfinite_tasks()})
@@ -167,6 +191,17 @@ def _step(
                 values, weights=weights, gramian=gramian, squared_norms=squared_norms, skipped=True
             )
     return pipeline._commit(decision, weights, values, gramian, squared_norms)
+
+
+def _summed_over_batch(jacobian: TaskJacobian, reps: list[Tensor]) -> TaskJacobian:
+    """Each task's representation gradient summed over the batch (first) dimension."""
+    num_tasks = jacobian.num_tasks
+    blocks = jacobian.dense.split(jacobian.numels, dim=1)
+    summed = [
+        block.reshape(num_tasks, z.shape[0], -1).sum(1)
+        for block, z in zip(blocks, reps, strict=True)
+    ]
+    return TaskJacobian(torch.cat(summed, dim=1), None, [b.shape[1] for b in summed])
 
 
 def _heads(

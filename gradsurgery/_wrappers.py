@@ -154,6 +154,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
         representation: Tensor | Sequence[Tensor] | None = None,
+        representation_batch: str = "samples",
     ) -> StepInfo:
         """Write the method's combination of the task gradients into ``.grad``.
 
@@ -174,6 +175,11 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             (taken through the heads only), and their combination is backpropagated through
             the encoder in one pass. ``None`` (default): the exact task gradients of the
             parameters.
+        representation_batch : {"samples", "sum"}
+            How representation mode's Gramian treats the batch (first) dimension:
+            ``"samples"`` (default) flattens each representation gradient whole, so a dot
+            product is the sum over the batch of per-sample dot products (MGDA-UB's authors);
+            ``"sum"`` sums each gradient over the batch first (LibMTL's ``rep_grad``).
 
         Returns
         -------
@@ -191,10 +197,17 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         params = [p for p in params if p.requires_grad]
         if representation is None:
+            if representation_batch != "samples":
+                raise ValueError("representation_batch is only read with representation=")
             info, skip = self._pipeline.run(losses, params, grad_scaler=grad_scaler)
         else:
             info, skip = representation_step(
-                self._pipeline, losses, representation, params, grad_scaler=grad_scaler
+                self._pipeline,
+                losses,
+                representation,
+                params,
+                grad_scaler=grad_scaler,
+                batch=representation_batch,
             )
         self._skip_next_step = skip
         return info

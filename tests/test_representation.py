@@ -308,3 +308,43 @@ def test_loss_weighting_takes_the_exact_update():
     for p, g in zip(model.parameters(), approximate, strict=True):
         torch.testing.assert_close(p.grad, g)
     assert M.Mean.needs == Needs.LOSSES
+
+
+# -- the batch dimension: LibMTL's convention as an option -------------------------------------
+
+
+def test_batch_sum_takes_the_gramian_of_the_batch_summed_gradients():
+    """LibMTL's rep_grad: per-task gradients summed over the batch, then their Gramian; the
+    combination through the encoder stays per sample."""
+    model = _model()
+    method = _method_class("MGDA")
+    z, losses = _losses(model)
+    rep = torch.stack([torch.autograd.grad(x, z, retain_graph=True)[0] for x in losses])
+    summed = rep.sum(1)  # [T, B, D] -> [T, D]
+    stats = TaskStats(tuple(x.item() for x in losses), gramian_rows=(summed @ summed.T).tolist())
+    weights = torch.as_tensor(method().decide(stats).weights, dtype=z.dtype)
+    encoder = list(model.encoder.parameters())
+    expected = torch.autograd.grad(z, encoder, torch.einsum("t,tbd->bd", weights, rep))
+    samples = (rep.flatten(1) @ rep.flatten(1).T).tolist()
+    other = method().decide(TaskStats(stats.losses, gramian_rows=samples)).weights
+    assert not torch.allclose(torch.as_tensor(other, dtype=z.dtype), weights)  # they differ
+
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method())
+    z, losses = _losses(model)
+    opt.backward(losses, representation=z, representation_batch="sum")
+    for p, g in zip(encoder, expected, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_batch_sum_refused_for_a_coordinate_method_and_without_a_representation():
+    model = _model()
+    graddrop = _method_class("GradDrop")
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), graddrop())
+    z, losses = _losses(model)
+    with pytest.raises(ValueError, match="coordinates"):
+        opt.backward(losses, representation=z, representation_batch="sum")
+    with pytest.raises(ValueError, match="only read with representation="):
+        opt.backward(losses, representation_batch="sum")
+    with pytest.raises(ValueError, match="representation_batch must be one of"):
+        opt.backward(losses, representation=z, representation_batch="mean")
+    assert all(p.grad is None for p in model.parameters())
