@@ -429,14 +429,15 @@ def test_a_zero_task_gradient_is_not_mistaken_for_an_underflow(monkeypatch):
 
 
 def test_pcgrad_sees_the_conflict_of_tiny_float32_gradients():
+    # Elements of 1e-23: their float32 products (1e-46) are below the smallest subnormal.
     w = torch.zeros(300, requires_grad=True)
     directions = torch.tensor([[1.0, 0.5, -0.25], [-1.0, 0.25, 0.5]]).repeat(1, 100)
-    losses = [(w * d).sum() * 1e-20 for d in directions]
+    losses = [(w * d).sum() * 1e-23 for d in directions]
     optimizer = gs.PCGrad(torch.optim.SGD([w], lr=1.0))
     optimizer.pc_backward(losses)
-    expected = gs.functional.pcgrad(directions.double() * 1e-20)
+    expected = gs.functional.pcgrad(directions.double() * 1e-23)
     torch.testing.assert_close(w.grad.double(), expected, rtol=1e-5, atol=0)
-    plain_mean = directions.double().mean(0) * 1e-20
+    plain_mean = directions.double().mean(0) * 1e-23
     assert not torch.allclose(w.grad.double(), plain_mean, rtol=1e-3, atol=0)
 
 
