@@ -230,9 +230,13 @@ def _heads(
                 "gradient there is zero and the method would decide from nothing: pass the "
                 "tensor every head reads (or leave this loss out, or leave representation= out)"
             )
-    heads = [p for p in params if any(id(p) in leaves for _, leaves in walks)]
-    reached = np.array([[id(p) in leaves for p in heads] for _, leaves in walks], dtype=bool)
-    return heads, reached.reshape(len(losses), len(heads))
+    around = set().union(*(leaves for _, leaves in walks))
+    heads = [p for p in params if id(p) in around]
+    ids = [id(p) for p in heads]
+    reached = np.zeros((len(losses), len(heads)), dtype=bool)
+    for i, (_, leaves) in enumerate(walks):
+        reached[i] = [k in leaves for k in ids]
+    return heads, reached
 
 
 def _walk(loss: Tensor, stops: dict[tuple[Any, int], int]) -> tuple[set[int], set[int]]:
