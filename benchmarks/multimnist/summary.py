@@ -51,8 +51,14 @@ def rows(runs: dict[str, list[dict]]) -> list[dict]:
               if runs.get(f"SingleTask{k + 1}") else math.nan for k in range(2)]  # fmt: skip
     mean_step = statistics.median(r["step_cpu_seconds_median"] for r in runs["Mean"]) \
         if runs.get("Mean") else math.nan  # fmt: skip
+
+    def rank(method: str) -> tuple[int, str]:  # the mean first, the baselines last
+        baseline = method.startswith(("SingleTask", "Fixed"))
+        return (0 if method == "Mean" else 2 if baseline else 1, method)
+
     table = []
-    for method, group in runs.items():
+    for method in sorted(runs, key=rank):
+        group = runs[method]
         acc = [mean_ci([r["test_accuracy"][k] for r in group]) for k in range(2)]
         per_seed_delta = [delta_m(r["test_accuracy"], single) for r in group]
         step = statistics.median(r["step_cpu_seconds_median"] for r in group)
