@@ -25,6 +25,7 @@ from .._autograd import task_jacobian, unique_tensors
 from .._jacobian import FactoredGradients, TaskJacobian
 from .layers import linear_factors, no_rows
 from .plan import Buffer, Plan, PlanCache
+from .reach import task_reach
 from .recording import Call, Recorder, Recording, refuse_sample_mixing_layers
 
 
@@ -225,6 +226,8 @@ class BatchPartitionEngine:
         buffer = self._plans.buffer(key, plan, params[0], num_tasks, reuse)
         matrix, blocks = buffer.matrix, buffer.blocks
         reached = None  # every task reaches every parameter: the usual case
+        # Per-task heads read by their own loss only: the walk needs the graph whole.
+        reach = task_reach(losses, calls, plan.fast) if num_tasks > 1 and plan.fast else None
         if plan.slow_columns:  # first, while the graph is whole; the single backward frees it
             slow_params = [params[k] for k in plan.slow_columns]
             slow = task_jacobian(losses, slow_params, retain_graph=True)
@@ -251,6 +254,17 @@ class BatchPartitionEngine:
             reached[:, sorted(written)] = True
         elif reached is not None:
             reached |= plan.fast_reached
+        if reach is not None:  # some layer is not reached by every task's loss
+            if reached is None:
+                reached = np.ones((num_tasks, len(params)), dtype=bool)
+            reached[:, sorted(plan.fast_columns)] = False
+            for module in plan.fast:
+                columns = [k for _, k in plan.targets[module]]
+                if module in plan.factored_weight:
+                    columns.append(plan.factored_weight[module])
+                for t, layers in enumerate(reach):
+                    if module in layers:
+                        reached[t, columns] = True
         jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
         if verify and self._agrees(losses, params, jacobian, plan, calls, retain_graph):
             self._plans.verified.add(id(plan))

@@ -71,6 +71,12 @@ class PlanCache:
         # ids of the plans checked against autograd (cleared with the plans: ids stay theirs)
         self.verified: set[int] = set()
 
+    def __getstate__(self) -> dict:
+        """A copy starts with no plans: they are keyed by the ids of the parameters."""
+        state = self.__dict__.copy()
+        state.update(_plans={}, _buffers={}, verified=set())
+        return state
+
     def plan(
         self,
         params: Sequence[Tensor],

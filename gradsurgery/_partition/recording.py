@@ -34,6 +34,9 @@ _BATCH_NORM_NODES = frozenset(
 )
 
 
+_GONE = object()  # a layer slot that no longer holds the parameter the engine read
+
+
 class Call(NamedTuple):
     """One recorded forward call of a registered layer."""
 
@@ -102,6 +105,31 @@ class Recorder:
         self.layout[module] = (type(module), list(map(id, module._parameters.values())))
         rule = LAYERS.get(type(module))
         self.direct[module] = rule is not None and module._parameters.keys() == rule.parameters
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to copy: parameters by reference, so that a deep copy made together with
+        the model refers to the copied parameters (the ids kept for speed would not).
+
+        A recorded forward pass not yet differentiated is not copied: the copy records anew.
+        """
+        state = self.__dict__.copy()
+        by_id: dict[int, Any] = {id(None): None}
+        by_id.update((id(p), p) for params in self.owned.values() for _, p in params)
+        state["layout"] = {
+            module: (kind, [by_id.get(slot, _GONE) for slot in slots])
+            for module, (kind, slots) in self.layout.items()
+        }
+        del state["owner"]
+        state["calls"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        layout = state.pop("layout")
+        self.__dict__.update(state)
+        self.layout = {
+            module: (kind, [id(p) for p in slots]) for module, (kind, slots) in layout.items()
+        }
+        self.owner = {id(p): module for module, params in self.owned.items() for _, p in params}
 
     def remove(self) -> None:
         """Remove the hooks and forget the recorded calls."""
