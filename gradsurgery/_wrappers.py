@@ -72,6 +72,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         The optimizer to wrap; its parameters are the ones the method writes ``.grad`` into.
     method : Method
         The method, e.g. ``gs.methods.PCGrad()``; see :doc:`/guide/custom_method` to write one.
+        A method with learned parameters (:class:`~gradsurgery.methods.UW`,
+        :class:`~gradsurgery.methods.IMTLL`: ``method.parameters()``) has those the optimizer
+        does not hold yet added to it as one new parameter group, with the optimizer's
+        defaults; to give them other settings, put them in the optimizer yourself first.
     {options}
 
     Examples
@@ -134,6 +138,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         _check_dense_layers(engine, shared_parameters)
         if distributed is not None and not isinstance(distributed, bool):
             raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+        _add_method_parameters(optimizer, method, params)
         self.optimizer = optimizer
         self.method = method
         self._pipeline = UpdatePipeline(
@@ -194,8 +199,11 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             On a NaN or Inf loss, gradient or update with ``nonfinite="raise"``; nothing is
             changed.
         """
+        # The method's own parameters get their gradient from the method's decision, not
+        # from the task losses: the engine never sees them.
+        own = {id(p) for p in _method_parameters(self.method)}
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        params = [p for p in params if p.requires_grad]
+        params = [p for p in params if p.requires_grad and id(p) not in own]
         if representation is None:
             if representation_batch != "samples":
                 raise ValueError("representation_batch is only read with representation=")
@@ -648,6 +656,26 @@ class GradNorm:
 
 def _optimized(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _method_parameters(method: Method) -> list[Tensor]:
+    """The method's learned parameters (UW's log-variances), if it has any."""
+    parameters = getattr(method, "parameters", None)
+    return list(parameters()) if callable(parameters) else []
+
+
+def _add_method_parameters(
+    optimizer: torch.optim.Optimizer, method: Method, optimized: list[Tensor]
+) -> None:
+    """Give the method's learned parameters to the optimizer that trains the model, as one new
+    parameter group with the optimizer's defaults (those it already optimizes stay where they
+    are): the paper trains them with the model's optimizer, and left out they would never move.
+    """
+    known = {id(p) for p in optimized}
+    new = [p for p in _method_parameters(method) if id(p) not in known]
+    if new:
+        check_real_parameters(new, f"{type(method).__name__}.parameters()")
+        optimizer.add_param_group({"params": new})
 
 
 def _check_dense_layers(engine: object, shared: object) -> None:

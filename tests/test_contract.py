@@ -23,7 +23,7 @@ from torch import nn
 
 import gradsurgery as gs
 from tests._registry import METHODS
-from tests.test_distributed import free_port
+from tests.test_distributed import free_port, join_or_fail
 
 T, ROWS = 3, 8
 IDS = [name for name, _ in METHODS]
@@ -337,13 +337,7 @@ def test_two_processes_with_half_batches_equal_one_process_with_the_whole(tmp_pa
     context = mp.start_processes(
         _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
-    for _ in range(240):
-        if context.join(timeout=0.5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("distributed workers did not finish: deadlock?")
+    join_or_fail(context)
     single = _distributed_run(0, 1)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name in IDS:

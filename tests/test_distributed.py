@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,14 +123,24 @@ def run_distributed(tmp_path: Path, method: str, nan_at: int | None = None) -> l
         join=False,
         start_method="spawn",
     )
-    for _ in range(120):  # a deadlock fails after a minute instead of hanging the suite
-        if context.join(timeout=0.5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("distributed workers did not finish: deadlock?")
+    join_or_fail(context)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+# Spawning two interpreters that import torch takes tens of seconds on a loaded 2-core
+# machine; a deadlock still fails the test instead of hanging the suite.
+JOIN_LIMIT_S = 300.0
+
+
+def join_or_fail(context: mp.ProcessContext, limit_s: float = JOIN_LIMIT_S) -> None:
+    """Wait for the spawned workers; kill them and fail after ``limit_s`` seconds."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if context.join(timeout=0.5):
+            return
+    for process in context.processes:
+        process.kill()
+    pytest.fail(f"distributed workers did not finish within {limit_s:.0f} s: deadlock?")
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "gradnorm"])

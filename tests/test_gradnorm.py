@@ -292,3 +292,39 @@ def test_bfloat16_autocast(device):
     info = gn.backward(losses)
     assert torch.isfinite(info.grad_norms).all()
     assert all(p.grad.dtype == torch.float32 for p in model.body.parameters())
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "match"),
+    [
+        ((1.0, 0.0, 1.0), None, r"positive losses.*task\(s\) 1 is 0"),  # L(0) = 0: no ratio
+        ((1.0, 1.0, 1.0), (1.0, -0.5, 1.0), r"non-negative losses.*task\(s\) 1 is -0.5"),
+    ],
+)
+def test_losses_without_a_loss_ratio_are_refused_and_change_nothing(first, later, match):
+    model, x, y = model_and_batch()
+    gn = make_gradnorm(model)
+    losses = model.losses(x, y)
+
+    def shifted(targets):  # the model's losses, moved to the given values
+        return [loss - loss.detach() + value for loss, value in zip(losses, targets, strict=True)]
+
+    if later is not None:
+        gn.update_weights(shifted(first))
+    before = (gn.weights, gn.initial_losses, repr(gn.state_dict()))
+    with pytest.raises(ValueError, match=match):
+        gn.update_weights(shifted(later if later is not None else first))
+    assert torch.equal(gn.weights, before[0])
+    assert (gn.initial_losses is None) == (before[1] is None)
+    assert repr(gn.state_dict()) == before[2]
+
+
+def test_a_later_zero_loss_is_accepted_and_every_loss_at_zero_gives_balanced_targets():
+    model, x, y = model_and_batch()
+    gn = make_gradnorm(model)
+    losses = model.losses(x, y)
+    gn.update_weights(losses)
+    zero = [loss * 0 for loss in losses]
+    info = gn.update_weights(zero)
+    assert torch.isfinite(gn.weights).all()
+    torch.testing.assert_close(info.targets, info.weighted_grad_norms.mean().expand(3))

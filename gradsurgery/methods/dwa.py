@@ -28,7 +28,8 @@ class DWA(Method):
         ``T > 0`` (default 2, the paper's).
     window : {"epoch", "step"}
         ``"epoch"`` (the paper): the windows are epochs, ``L_k(t)`` is the average of task
-        ``k``'s loss over epoch ``t``; call :meth:`end_epoch` at the end of every epoch.
+        ``k``'s loss over epoch ``t``; call :meth:`end_epoch` at the end of every epoch
+        (through the wrapper: ``opt.method.end_epoch()``, with ``opt = gs.DWA(optimizer)``).
         ``"step"``: every step is a window, ``L_k(t)`` is the loss of step ``t``.
 
     Notes

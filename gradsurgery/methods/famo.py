@@ -48,7 +48,8 @@ class FAMO(Method):
         next step's losses, on the next batch, at the start of the next step.
         ``"manual"`` (the authors' experiments): after ``optimizer.step()``, recompute the losses
         on the *same* batch under ``torch.no_grad()`` (one extra forward pass) and call
-        :meth:`update` with them.
+        :meth:`update` with them (through the wrapper: ``opt.method.update(losses)``, with
+        ``opt = gs.FAMO(optimizer, num_tasks=T, update="manual")``).
 
     Notes
     -----

@@ -12,11 +12,12 @@ import torch
 from .._info import GradNormInfo
 from .._validation import check_choice, check_num_tasks, check_real
 from .._weighting import Decision, Method, Needs, TaskStats
+from ..functional._losses import require_positive
 from ._adam import Adam
 
 __all__ = ["GradNorm"]
 
-_TINY = sys.float_info.min  # the smallest normal float64: a loss that starts at 0 has ratio 0/tiny
+_TINY = sys.float_info.min  # the smallest normal float64: a guard, L(0) > 0 is checked
 
 
 class GradNorm(Method):
@@ -43,6 +44,12 @@ class GradNorm(Method):
         to ``T`` after each step.
     num_tasks : int, optional
         ``T``; fixed by the first step when ``None``.
+
+    Notes
+    -----
+    The loss ratios need positive losses at the step that records ``L(0)`` and non-negative
+    ones after; other losses are refused (a loss with a known lower bound ``b`` can be passed
+    as ``loss - b + eps``).
     """
 
     needs = Needs.NORMS
@@ -79,11 +86,20 @@ class GradNorm(Method):
         if raw is None or adam is None or old_weights is None:
             raw, adam = self._initial_state(num_tasks)
             old_weights = self._weights(raw)
-        initial = values if self.initial_losses is None else self.initial_losses.tolist()
+        # The loss ratios L(t) / L(0) need positive initial losses and non-negative later ones:
+        # a negative ratio has no real power r^alpha, a zero L(0) no ratio at all.
+        if self.initial_losses is None:
+            require_positive(values, "GradNorm (its loss ratios L(t) / L(0))")
+            initial = values
+        else:
+            require_positive(values, "GradNorm (its loss ratios L(t) / L(0))", zero=True)
+            initial = self.initial_losses.tolist()
         loss_ratios = [v / max(v0, _TINY) for v, v0 in zip(values, initial, strict=True)]
         weighted_norms = [w * n for w, n in zip(old_weights, norms, strict=True)]
         mean_ratio, mean_norm = sum(loss_ratios) / num_tasks, sum(weighted_norms) / num_tasks
-        targets = [mean_norm * (r / mean_ratio) ** self.alpha for r in loss_ratios]
+        # Every loss at zero: the ratios are all equal, so every relative rate is 1.
+        rates = [r / mean_ratio if mean_ratio > 0 else 1.0 for r in loss_ratios]
+        targets = [mean_norm * rate**self.alpha for rate in rates]
         gradnorm_loss = sum(abs(g - t) for g, t in zip(weighted_norms, targets, strict=True))
         # d/dw_i sum_j |w_j n_j - target_j| = sign(w_i n_i - target_i) n_i (targets held fixed)
         gradient = [

@@ -20,8 +20,10 @@ class IMTLL(LearnedLossWeighting):
     weighting with ``s -> -s`` and a factor 2 (same weights up to that factor, same optima).
 
     ``s`` is a ``torch.nn.Parameter`` (:attr:`log_scales`) trained by *your* optimizer, as in
-    the paper: add :meth:`parameters` to it (nothing else steps them: left out, they keep their
-    initial value).
+    the paper: the wrapper (``gs.IMTLL(optimizer, num_tasks=T)`` or
+    ``gs.MultiTaskOptimizer(optimizer, method)``) adds :meth:`parameters` to the optimizer as one
+    new parameter group with its defaults, unless the optimizer already holds them (put them
+    there yourself for another learning rate).
 
     Parameters
     ----------

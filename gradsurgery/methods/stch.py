@@ -28,7 +28,8 @@ class STCH(Method):
     averages the losses into a normalizer ``n``; from then on it descends
     ``T mu log sum_i exp(log(L_i / n_i) / mu)`` (weights
     :func:`~gradsurgery.functional.stch_log_weights`). Call :meth:`end_epoch` at the end of
-    every epoch. The losses must be positive.
+    every epoch (through the wrapper: ``opt.method.end_epoch()``, with
+    ``opt = gs.STCH(optimizer)``). The losses must be positive.
 
     ``log_transform=False`` (the paper's eq. 8, torchjd's ``STCH``): the model descends
     ``mu log sum_i exp(lambda_i (L_i - z_i) / mu)`` from the first step (weights

@@ -20,8 +20,10 @@ class UW(LearnedLossWeighting):
     ``s_i = log L_i``, so each task's weight settles at ``1 / (2 L_i)``.
 
     ``s`` is a ``torch.nn.Parameter`` (:attr:`log_variances`) trained by *your* optimizer, as in
-    the paper: add :meth:`parameters` to it (nothing else steps them: left out, they keep their
-    initial value).
+    the paper: the wrapper (``gs.UW(optimizer, num_tasks=T)`` or
+    ``gs.MultiTaskOptimizer(optimizer, method)``) adds :meth:`parameters` to the optimizer as one
+    new parameter group with its defaults, unless the optimizer already holds them (put them
+    there yourself for another learning rate).
 
     Parameters
     ----------
