@@ -164,7 +164,8 @@ def agreement(num_tasks: int, count: int) -> dict[str, dict[str, float]]:
                 z, outs = model(x)
                 losses = [nn.functional.cross_entropy(o, labels[t]) for t, o in enumerate(outs)]
                 opt.backward(losses, representation=z if representation else None)
-                updates.append(torch.cat([p.grad.reshape(-1) for p in model.encoder.parameters()]))
+                encoder_grads = [p.grad.reshape(-1) for p in model.encoder.parameters()]
+                updates.append(torch.cat(encoder_grads).double())  # float32 rounds past 1
             cosines[name].append(float(nn.functional.cosine_similarity(*updates, dim=0)))
             # The method's own state follows the exact mode (one step per batch).
             model = copy.deepcopy(base)
