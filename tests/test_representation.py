@@ -348,3 +348,18 @@ def test_batch_sum_refused_for_a_coordinate_method_and_without_a_representation(
     with pytest.raises(ValueError, match="representation_batch must be one of"):
         opt.backward(losses, representation=z, representation_batch="mean")
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_scaler_sees_the_unscaled_update():
+    """Under a GradScaler the method decides from unscaled gradients and .grad is scaled."""
+    grads = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        model = _model()
+        opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), _fresh(M.PCGrad))
+        z, losses = _losses(model)
+        info = opt.backward(losses, representation=z, grad_scaler=scaler)
+        scale = 1.0 if scaler is None else 2.0**12
+        grads.append(([p.grad / scale for p in model.parameters()], info.gramian))
+    for a, b in zip(grads[0][0], grads[1][0], strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grads[0][1], grads[1][1])
