@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -143,7 +143,7 @@ def run_batched(
         if step == setting.steps:
             break
         if checkpoint is not None and step and step % checkpoint_every == 0:
-            checkpoint(runs)
+            checkpoint(_with_shared_share(runs, shared_seconds))
         started = time.thread_time()
         before = x.detach().clone()
         # float64 derivatives of the float32 points: the exact Jacobian, rounded once
@@ -191,9 +191,13 @@ def run_batched(
                 x[i] = position
         shared_seconds += time.thread_time() - started
 
-    for run in runs.values():  # each method's share of the batch's common work
-        run.seconds += shared_seconds / len(names)
-    return runs
+    return _with_shared_share(runs, shared_seconds)
+
+
+def _with_shared_share(runs: dict[str, MethodRun], shared_seconds: float) -> dict[str, MethodRun]:
+    """The runs with each method's equal share of the batch's common work added to its time."""
+    share = shared_seconds / len(runs)
+    return {name: replace(run, seconds=run.seconds + share) for name, run in runs.items()}
 
 
 def _own_parameters(method: Method) -> list[torch.Tensor]:
