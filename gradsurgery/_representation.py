@@ -283,10 +283,14 @@ def _task_gradients(
     rep_matrix = first.new_zeros(len(losses), sum(rep_numels))
     head_dtype = heads[0].dtype if heads else first.dtype
     head_matrix = first.new_zeros(len(losses), sum(head_numels), dtype=head_dtype)
-    inputs = [*reps, *heads]
     for i, loss in enumerate(losses):
+        # Only the heads this task's graph reaches (known from the walk): with one head per
+        # task, autograd is not asked about the other T - 1 heads at every call.
+        own = np.flatnonzero(reached[i]).tolist()
+        inputs = [*reps, *(heads[k] for k in own)]
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rows = [*rep_matrix[i].split(rep_numels), *head_matrix[i].split(head_numels)]
+        head_rows = head_matrix[i].split(head_numels)
+        rows = [*rep_matrix[i].split(rep_numels), *(head_rows[k] for k in own)]
         hit = [k for k, g in enumerate(grads) if g is not None]
         torch._foreach_copy_([rows[k] for k in hit], [grads[k].reshape(-1) for k in hit])
     return (
