@@ -124,3 +124,57 @@ def test_a_deep_copy_with_its_model_runs_on_the_copied_model_without_a_warning(p
         model_copy(x)
     assert set(engine_copy._recorder.calls) <= set(model_copy.modules())
     assert not engine._recorder.calls
+
+
+class Wired(nn.Module):
+    """A trunk, three heads on the whole batch and a second layer on head 0's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(6, 2) for _ in SIZES)
+        self.top = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.trunk(x)
+        outputs = {f"head{k}": head(features) for k, head in enumerate(self.heads)}
+        outputs["top"] = self.top(outputs["head0"])
+        outputs["trunk"] = features[:, :2]
+        return outputs
+
+
+# Which outputs each task's loss reads, on its own rows.
+WIRINGS = [
+    [["head0"], ["head1"], ["head2"]],
+    [["head0", "head1"], ["head1"], ["head2"]],
+    [["top"], ["head0"], ["head0", "head1", "head2"]],
+    [["top"], ["trunk"], ["head2", "top"]],
+    [["trunk"], ["trunk"], ["trunk"]],
+    [["head1"], ["head1"], ["head1"]],
+]
+
+
+@pytest.mark.parametrize("wiring", WIRINGS, ids=lambda w: "-".join("+".join(t) for t in w))
+@pytest.mark.parametrize("factored", ["never", "always"])
+def test_each_task_reaches_what_its_loss_reads_as_with_autograd(wiring, factored):
+    torch.manual_seed(1)
+    model = Wired().double()
+    x = torch.randn(sum(SIZES), 5, dtype=torch.float64)
+    y = torch.randn(sum(SIZES), 2, dtype=torch.float64)
+
+    def losses(outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            sum((outputs[name].split(SIZES)[t] - y.split(SIZES)[t]).pow(2).mean() for name in names)
+            for t, names in enumerate(wiring)
+        ]
+
+    params = list(model.parameters())
+    expected = AutogradEngine().jacobian(losses(model(x)), params)
+    engine = gs.BatchPartitionEngine(model, verify="always", factored=factored)
+    with engine.record(task_sizes=SIZES):
+        outputs = model(x)
+    actual = engine.jacobian(losses(outputs), params)
+    reached = actual.reached if actual.reached is not None else expected.reached | True
+    assert (reached == expected.reached).all(), (actual.reached, expected.reached)
+    gram_actual, gram_expected = actual.gramian(), expected.gramian()
+    torch.testing.assert_close(gram_actual, gram_expected, rtol=1e-10, atol=1e-12)
