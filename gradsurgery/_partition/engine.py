@@ -46,7 +46,9 @@ class BatchPartitionEngine:
     again, with a warning. The model must run uncompiled: a forward pass traced by
     ``torch.compile`` is refused (the default engine handles those). Under PCGrad or GradNorm
     the engine writes every step into the same ``[T, P]`` matrix, which stays allocated
-    between steps until :meth:`remove`.
+    between steps until :meth:`remove`. Which tasks reach a parameter is read from the
+    autograd graph, as the default engine does: a per-task head applied to the whole batch,
+    whose output only its own task's loss reads, belongs to that task alone.
 
     What the engine cannot see is a model or loss that mixes the rows of different tasks (a
     mean or a statistic over the whole batch, attention across the batch, rows not in task
