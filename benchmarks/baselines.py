@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +124,46 @@ def torchjd_version() -> str | None:
     return version("torchjd")
 
 
+def _torchjd_aggregators() -> dict[str, Callable[[int], object]]:
+    """gradsurgery's method name -> a builder of torchjd's aggregator for ``num_tasks`` tasks.
+
+    The hyper-parameters are gradsurgery's defaults (CAGrad: the benchmarks' ``c = 0.5``), so
+    both libraries compute the same method.
+    """
+    if torchjd_version() is None:
+        return {}
+    from torchjd import aggregation as a
+
+    return {
+        "MGDA": lambda t: a.MGDA(),
+        "CAGrad": lambda t: a.CAGrad(c=0.5),
+        "NashMTL": lambda t: a.NashMTL(n_tasks=t),
+        "IMTLG": lambda t: a.IMTLG(),
+        "AlignedMTL": lambda t: a.AlignedMTL(),
+        "UPGrad": lambda t: a.UPGrad(),
+        "DualProj": lambda t: a.DualProj(),
+        "FairGrad": lambda t: a.FairGrad(alpha=1.0),
+        "ConFIG": lambda t: a.ConFIG(),
+        "GradVac": lambda t: a.GradVac(beta=0.5),
+        "GradDrop": lambda t: a.GradDrop(),
+        "RLW": lambda t: a.Random(),
+    }
+
+
+class TorchjdAutojac:
+    """torchjd's ``autojac.backward`` then ``jac_to_grad`` with any aggregator."""
+
+    def __init__(self, model: nn.Module, aggregator: object) -> None:
+        self.params = list(model.parameters())
+        self.aggregator = aggregator
+
+    def backward(self, losses: Sequence[Tensor]) -> None:
+        from torchjd.autojac import backward, jac_to_grad
+
+        backward(list(losses), inputs=self.params)
+        jac_to_grad(self.params, self.aggregator)
+
+
 class TorchjdAutojacPCGrad:
     """torchjd's PCGrad through ``autojac.backward`` and ``autojac.jac_to_grad``."""
 
@@ -159,3 +199,6 @@ class TorchjdAutogramPCGrad:
         stacked = torch.stack(list(losses))
         gramian = self.engine.compute_gramian(stacked)
         stacked.backward(self.weighting(gramian))
+
+
+TORCHJD_AGGREGATORS = _torchjd_aggregators()

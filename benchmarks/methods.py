@@ -13,14 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from method_registry import available_methods
 from torch import nn
 
 import gradsurgery as gs
 
 from baselines import (
+    TORCHJD_AGGREGATORS,
     ReferenceGradNorm,
     StraightforwardPCGrad,
     TorchjdAutogramPCGrad,
+    TorchjdAutojac,
     TorchjdAutojacPCGrad,
     torchjd_version,
 )
@@ -41,6 +44,8 @@ class MethodSpec:
     label: str
     build: Callable[[nn.Module, list[Batch]], Step]
     needs: str = ""  # "fast" (gradsurgery's fast engine) or "torchjd"; "" always available
+    target: float | None = None  # the step's bound as a multiple of the plain step, if any
+    peer: str = ""  # the key of torchjd's implementation of the same method, if any
 
 
 def fast_engine_available() -> bool:
@@ -199,6 +204,89 @@ def torchjd_pcgrad(model: nn.Module, batches: list[Batch], autogram: bool = Fals
     return step
 
 
+GRADIENT_TARGET = 1.3  # a method that reads per-task gradients (norms, Gramian, Jacobian)
+LOSS_WEIGHTING_TARGET = 1.05  # a method that reads the loss values only
+
+
+def gs_method(model: nn.Module, batches: list[Batch], name: str) -> Step:
+    """A ``gradsurgery.methods`` class in ``gs.MultiTaskOptimizer``.
+
+    A method that reads per-task gradients gets the batch-partition engine; a loss weighting
+    (``Needs.LOSSES``) computes no per-task gradient, so it runs without one, as a user would.
+    """
+    num_tasks = len(batches[0].task_sizes)
+    method = available_methods()[name].build_method(num_tasks)
+    fast = method.needs > gs.Needs.LOSSES
+    losses, options = _losses_fn(model, fast)
+    adam = _adam(model)
+    own = list(method.parameters()) if hasattr(method, "parameters") else []
+    if own:  # a method's learned parameters (e.g. UW's log-variances) join the optimizer
+        adam.add_param_group({"params": own})
+    optimizer, next_batch = gs.MultiTaskOptimizer(adam, method, **options), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        optimizer.backward(losses(next_batch()))
+        optimizer.step()
+
+    return step
+
+
+def torchjd_method(model: nn.Module, batches: list[Batch], name: str) -> Step:
+    """BASELINE: torchjd's ``autojac.backward`` + ``jac_to_grad`` with its aggregator ``name``."""
+    num_tasks = len(batches[0].task_sizes)
+    combine = TorchjdAutojac(model, TORCHJD_AGGREGATORS[name](num_tasks))
+    optimizer, next_batch = _adam(model), _cycle(batches)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        combine.backward(task_losses(model, next_batch()))
+        optimizer.step()
+
+    return step
+
+
+def _every_method() -> list[MethodSpec]:
+    """A row per ``gradsurgery.methods`` class, and torchjd's implementation where it has one.
+
+    PCGrad's rows are the hand-written ``gs-pcgrad-fast`` / ``torchjd-pcgrad`` above; Mean is
+    the plain step.
+    """
+    specs = []
+    for name, entry in available_methods().items():
+        if entry.build_method is None or name in ("Mean", "PCGrad"):
+            continue
+        needs = entry.build_method(NUM_TASKS_HINT).needs
+        fast = needs > gs.Needs.LOSSES
+        key = f"gs-{name.lower()}" + ("-fast" if fast else "")
+        if key in ("gs-gradnorm", "gs-gradnorm-fast"):  # the first API's GradNorm has these
+            key = key.replace("gradnorm", "gradnorm-method")
+        peer = f"torchjd-{name.lower()}" if name in TORCHJD_AGGREGATORS else ""
+        engine = "batch-partition engine" if fast else "no per-task gradients"
+        specs.append(
+            MethodSpec(
+                key,
+                f"gradsurgery {name}, {engine}",
+                lambda m, b, name=name: gs_method(m, b, name),
+                needs="fast" if fast else "",
+                target=GRADIENT_TARGET if fast else LOSS_WEIGHTING_TARGET,
+                peer=peer,
+            )
+        )
+        if peer:
+            specs.append(
+                MethodSpec(
+                    peer,
+                    f"baseline: torchjd {name} (autojac)",
+                    lambda m, b, name=name: torchjd_method(m, b, name),
+                    needs="torchjd",
+                )
+            )
+    return specs
+
+
+NUM_TASKS_HINT = 3  # only to read a method's Needs
+
 METHODS: dict[str, MethodSpec] = {
     spec.key: spec
     for spec in [
@@ -209,6 +297,8 @@ METHODS: dict[str, MethodSpec] = {
             "gradsurgery PCGrad, batch-partition engine",
             lambda m, b: gs_pcgrad(m, b, fast=True),
             needs="fast",
+            target=GRADIENT_TARGET,
+            peer="torchjd-pcgrad",
         ),
         MethodSpec("gs-gradnorm", "gradsurgery GradNorm, default engine", gs_gradnorm),
         MethodSpec(
@@ -216,6 +306,7 @@ METHODS: dict[str, MethodSpec] = {
             "gradsurgery GradNorm, batch-partition engine",
             lambda m, b: gs_gradnorm(m, b, fast=True),
             needs="fast",
+            target=GRADIENT_TARGET,
         ),
         MethodSpec(
             "gs-pcgrad-fast-checked",
@@ -257,6 +348,7 @@ METHODS: dict[str, MethodSpec] = {
             lambda m, b: torchjd_pcgrad(m, b, autogram=True),
             needs="torchjd",
         ),
+        *_every_method(),
     ]
 }
 

@@ -130,7 +130,31 @@ def _scaling(payload: dict) -> list[str]:
                 cells.append("—" if extra is None else f"{extra / MIB:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return lines
+    return lines + _many_task_methods(rows)
+
+
+def _many_task_methods(rows: list[dict]) -> list[str]:
+    """Median ms and x plain of the methods other than PCGrad, per (model, T)."""
+    pcgrad_keys = {"plain", "gs-pcgrad", "gs-pcgrad-fast", "straightforward-pcgrad"}
+    others = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in pcgrad_keys))
+    if not others:
+        return []
+    lines = [
+        "### Other methods at many tasks: median ms (x plain)",
+        "",
+        "| model | T | " + " | ".join(others) + " |",
+        "|---|---:|" + "---:|" * len(others),
+    ]
+    index = {(r["model"], r["tasks"], r["method"]): r for r in rows}
+    for model, tasks in dict.fromkeys((r["model"], r["tasks"]) for r in rows):
+        if not any((model, tasks, key) in index for key in others):
+            continue
+        cells = [model, str(tasks)]
+        for key in others:
+            r = index.get((model, tasks, key))
+            cells.append("—" if r is None else f"{_ms(r['median_s'])} ({r['ratio']:.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _training(payload: dict) -> list[str]:
@@ -178,6 +202,43 @@ def _verdict(ok: list[bool]) -> str:
     return "yes" if all(ok) else ("no" if not any(ok) else "partly")
 
 
+def _every_method_checks(
+    rows: list[dict], index: dict[tuple[str, str], dict], networks: list[str]
+) -> list[dict[str, str]]:
+    """One check per row that carries its own bound: x plain, and x torchjd where it has a peer."""
+    checks = []
+    hand_written = {"gs-pcgrad-fast", "gs-gradnorm-fast"}
+    keys = dict.fromkeys(r["method"] for r in rows if r.get("target"))
+    for key in keys:
+        if key in hand_written:
+            continue
+        measured, ok = [], []
+        for n in networks:
+            row = index.get((n, key))
+            if row is None:
+                continue
+            part = f"{n} {row['ratio']:.2f}x"
+            ok.append(row["ratio"] <= row["target"])
+            peer = index.get((n, row.get("peer") or ""))
+            if peer is not None:
+                fraction = row["median_s"] / peer["median_s"]
+                part += f" / {fraction:.2f} of torchjd"
+                ok.append(fraction <= TORCHJD_FRACTION_TARGET)
+            measured.append(part)
+        row = index[(networks[0], key)] if (networks[0], key) in index else rows[0]
+        bound = f"<= {row['target']}x plain"
+        if row.get("peer"):
+            bound += f", <= {TORCHJD_FRACTION_TARGET} x {row['peer']}"
+        checks.append(
+            {
+                "target": f"T=3, study net: {key} {bound}",
+                "measured": ", ".join(measured),
+                "met": _verdict(ok),
+            }
+        )
+    return checks
+
+
 def _study_checks(rows: list[dict]) -> list[dict[str, str]]:
     checks = []
     index = {(r["network"], r["method"]): r for r in rows}
@@ -198,6 +259,7 @@ def _study_checks(rows: list[dict]) -> list[dict[str, str]]:
                 "met": _verdict([r <= STEP_RATIO_TARGET for _, r in ratios]),
             }
         )
+    checks += _every_method_checks(rows, index, networks)
     for key, name in (("gs-pcgrad", "default engine"), ("gs-pcgrad-fast", "batch-partition")):
         measured, ok = [], []
         for n in networks:

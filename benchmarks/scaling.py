@@ -28,6 +28,16 @@ QUICK_TASKS = (2, 5)
 QUICK_MODELS = ("35K",)
 PER_TASK = 16
 METHOD_KEYS = ("plain", "gs-pcgrad", "gs-pcgrad-fast", "straightforward-pcgrad")
+# Representative methods of each kind, at many tasks (where a solver or the Gramian could come
+# to dominate) on the smaller models: a projection (UPGrad's quadratic program), a min-norm
+# solver (MGDA), an iterative solver (NashMTL), a per-task-norms method (DB-MTL) and a loss
+# weighting (UW), each with torchjd's implementation where it has one.
+MANY_TASK_KEYS = (
+    "gs-upgrad-fast", "torchjd-upgrad", "gs-mgda-fast", "torchjd-mgda", "gs-nashmtl-fast",
+    "gs-dbmtl-fast", "gs-uw",
+)  # fmt: skip
+MANY_TASKS = (10, 20, 50)
+MANY_TASK_MODELS = ("35K", "1M")
 BUDGET_S = 20.0  # timed seconds per configuration (all methods together)
 QUICK_BUDGET_S = 1.0
 LEAST_ROUNDS = 3
@@ -54,11 +64,11 @@ def run(
     log=print,
 ) -> dict:
     """Time (and probe the memory of) every method for every (model, T)."""
-    keys = [key for key in METHOD_KEYS if available(key)]
     budget = QUICK_BUDGET_S if quick else BUDGET_S
     rows = []
     for model_name in models:
         for num_tasks in tasks:
+            keys = _keys_for(model_name, num_tasks)
             timed = _time_config(model_name, num_tasks, keys, budget, device, log)
             gc.collect()  # free this configuration's models before the probes run
             if memory:
@@ -73,10 +83,25 @@ def run(
             "budget_s_per_config": budget,
             "least_rounds": LEAST_ROUNDS,
             "memory": (MEMORY_CUDA if device.type == "cuda" else MEMORY_CPU) if memory else None,
-            "skipped_methods": [key for key in METHOD_KEYS if not available(key)],
+            "many_task_methods": {
+                "methods": list(MANY_TASK_KEYS),
+                "tasks": list(MANY_TASKS),
+                "models": list(MANY_TASK_MODELS),
+            },
+            "skipped_methods": [
+                key for key in (*METHOD_KEYS, *MANY_TASK_KEYS) if not available(key)
+            ],
         },
         "results": rows,
     }
+
+
+def _keys_for(model_name: str, num_tasks: int) -> list[str]:
+    """The methods timed for one configuration: PCGrad's rows always, the others at many tasks."""
+    keys = list(METHOD_KEYS)
+    if num_tasks in MANY_TASKS and model_name in MANY_TASK_MODELS:
+        keys += MANY_TASK_KEYS
+    return [key for key in keys if key in METHODS and available(key)]
 
 
 def _time_config(

@@ -16,8 +16,9 @@ NUM_TASKS = 3
 PER_TASK = 64
 NETWORKS = ("blind", "aware")
 
-# (warm-up steps, rounds, steps per block); a full run times 50 x 20 = 1,000 steps per method.
-FULL = (50, 50, 20)
+# (warm-up steps, rounds, steps per block); a full run times 25 x 10 = 250 steps per method
+# (about 45 methods on two networks).
+FULL = (20, 25, 10)
 QUICK = (3, 3, 3)
 
 
@@ -45,6 +46,8 @@ def run(quick: bool, device: torch.device = CPU, log=print) -> dict:
                     "parameters": num_parameters(model),
                     "method": key,
                     "label": METHODS[key].label,
+                    "target": METHODS[key].target,
+                    "peer": METHODS[key].peer if available(METHODS[key].peer or key) else "",
                     **summarize(samples[key], samples["plain"]),
                 }
             )
