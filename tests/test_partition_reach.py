@@ -4,6 +4,7 @@ survives a deep copy together with its model."""
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -97,8 +98,13 @@ def _step(model: nn.Module, opt: gs.PCGrad, engine: gs.BatchPartitionEngine, x, 
     opt.pc_backward(_losses(model, outputs, y))
 
 
+def _pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
 @pytest.mark.parametrize("pending", [False, True], ids=["between-steps", "after-the-forward"])
-def test_a_deep_copy_with_its_model_runs_on_the_copied_model_without_a_warning(pending):
+@pytest.mark.parametrize("clone", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
+def test_a_deep_copy_with_its_model_runs_on_the_copied_model_without_a_warning(pending, clone):
     torch.manual_seed(0)
     model = PerTaskHeads(own_rows=False).double()
     x = torch.randn(sum(SIZES), 5, dtype=torch.float64)
@@ -109,7 +115,7 @@ def test_a_deep_copy_with_its_model_runs_on_the_copied_model_without_a_warning(p
     if pending:  # a recorded forward pass not yet differentiated: the copy starts afresh
         with engine.record(task_sizes=SIZES):
             model(x)
-    model_copy, opt_copy = copy.deepcopy((model, opt))
+    model_copy, opt_copy = clone((model, opt))
     engine_copy = opt_copy.engine
     assert engine_copy.model is model_copy
     with warnings.catch_warnings():
