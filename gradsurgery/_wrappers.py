@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -72,8 +73,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         The optimizer to wrap; its parameters are the ones the method writes ``.grad`` into.
     method : Method
         The method, e.g. ``gs.methods.PCGrad()``; see :doc:`/guide/custom_method` to write one.
-        A method with learned parameters (:class:`~gradsurgery.methods.UW`,
-        :class:`~gradsurgery.methods.IMTLL`: ``method.parameters()``) has those the optimizer
+        A method with learned parameters (:class:`~gradsurgery.methods.uw.UW`,
+        :class:`~gradsurgery.methods.imtl_l.IMTLL`: ``method.parameters()``) has those the optimizer
         does not hold yet added to it as one new parameter group, with the optimizer's
         defaults; to give them other settings, put them in the optimizer yourself first.
     {options}
@@ -437,9 +438,26 @@ def _signature(function: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(function)
 
 
+_RELATIVE_REFERENCE = re.compile(r":(meth|attr):`(\w+)`")
+
+
+def _qualify_references(doc: str, method_class: type[Method]) -> str:
+    """Point the method docstring's short references (:meth:`end_epoch`) at the method class:
+    in the wrapper's docstring they would name attributes of the wrapper."""
+    path = f"{method_class.__module__}.{method_class.__qualname__}"
+
+    def qualify(match: re.Match[str]) -> str:
+        role, name = match.groups()
+        if hasattr(MultiTaskOptimizer, name):
+            return match.group(0)
+        return f":{role}:`~{path}.{name}`"
+
+    return _RELATIVE_REFERENCE.sub(qualify, doc)
+
+
 def _wrapper_doc(method_class: type[Method]) -> str:
     name = method_class.__name__
-    doc = inspect.cleandoc(method_class.__doc__ or name)
+    doc = _qualify_references(inspect.cleandoc(method_class.__doc__ or name), method_class)
     summary, _, body = doc.partition("\n\n")
     intro = (
         f"{summary}\n\n"
