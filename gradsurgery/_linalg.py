@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validation import check_real
+
 __all__ = [
     "SolverError",
     "as_gramian",
@@ -444,15 +446,16 @@ def as_task_vector(values: object, num_tasks: int, name: str) -> np.ndarray:
     return array
 
 
-def check_number(value: object, name: str, *, low: float = 0.0, open_low: bool = False) -> float:
-    """``value`` as a finite float ``>= low`` (``> low`` when ``open_low``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value) or value < low or (open_low and value == low):
-        relation = ">" if open_low else ">="
-        raise ValueError(f"{name} must be finite and {relation} {low}, got {value}")
-    return value
+def check_number(
+    value: object,
+    name: str,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    return check_real(name, value, low=low, high=high, low_open=low_open)
 
 
 def check_positive_int(value: object, name: str) -> int:

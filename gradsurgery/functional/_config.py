@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gramians import check_real, gramian_array
+from .._linalg import as_gramian, check_number
 
 __all__ = ["config_weights"]
 
@@ -65,9 +65,9 @@ def config_weights(
     >>> J @ d / J.norm(dim=1)                # equal projections of the unit gradients
     tensor([0.3536, 0.3536], dtype=torch.float64)
     """
-    G = gramian_array(gramian)
+    G = as_gramian(gramian)
     pref = None if pref_vector is None else check_pref_vector(pref_vector, G.shape[0])
-    rcond = check_real(rcond, "rcond", low=0.0, high=1.0)
+    rcond = check_number(rcond, "rcond", low=0.0, high=1.0)
     return torch.from_numpy(_config_weights(G, pref, rcond))
 
 

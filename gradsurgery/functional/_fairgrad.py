@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gramians import check_count, check_real, gramian_array
+from .._linalg import as_gramian, check_number, check_positive_int
 
 __all__ = ["fairgrad_weights"]
 
@@ -88,11 +88,11 @@ def fairgrad_weights(
     >>> G.double() @ w * w                             # G w = 1 / w
     tensor([1., 1.], dtype=torch.float64)
     """
-    G = gramian_array(gramian)
-    alpha = check_real(alpha, "alpha", low=0.0)
-    max_norm = check_real(max_norm, "max_norm", low=0.0)
-    tol = check_real(tol, "tol", low=0.0, low_open=True)
-    max_iter = check_count(max_iter, "max_iter")
+    G = as_gramian(gramian)
+    alpha = check_number(alpha, "alpha", low=0.0)
+    max_norm = check_number(max_norm, "max_norm", low=0.0)
+    tol = check_number(tol, "tol", low=0.0, low_open=True)
+    max_iter = check_positive_int(max_iter, "max_iter")
     weights = _fairgrad_weights(G.tolist(), alpha, rescale, max_norm, tol, max_iter)
     return torch.tensor(weights, dtype=torch.float64)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._gramians import check_real, gramian_array
+from .._linalg import as_gramian, check_number
 
 __all__ = ["gradvac_weights"]
 
@@ -91,10 +91,10 @@ def gradvac_weights(
     tensor([[ 0.0000, -0.3536],
             [-0.3536,  0.0000]], dtype=torch.float64)
     """
-    G = gramian_array(gramian)
+    G = as_gramian(gramian)
     num_tasks = G.shape[0]
-    beta = check_real(beta, "beta", low=0.0, high=1.0)
-    eps = check_real(eps, "eps", low=0.0)
+    beta = check_number(beta, "beta", low=0.0, high=1.0)
+    eps = check_number(eps, "eps", low=0.0)
     if targets is None:
         target_rows = [[0.0] * num_tasks for _ in range(num_tasks)]
     else:

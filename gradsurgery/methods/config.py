@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
+from .._linalg import check_number
 from .._weighting import Decision, Method, Needs, TaskStats
 from ..functional._config import _config_weights, check_pref_vector
-from ..functional._gramians import check_real
 
 __all__ = ["ConFIG"]
 
@@ -45,7 +45,7 @@ class ConFIG(Method):
         self, pref_vector: Sequence[float] | Tensor | None = None, *, rcond: float = 1e-10
     ) -> None:
         self.pref_vector = None if pref_vector is None else check_pref_vector(pref_vector, None)
-        self.rcond = check_real(rcond, "rcond", low=0.0, high=1.0)
+        self.rcond = check_number(rcond, "rcond", low=0.0, high=1.0)
 
     def check_num_tasks(self, num_tasks: int) -> None:
         super().check_num_tasks(num_tasks)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from .._linalg import check_number, check_positive_int
 from .._weighting import Decision, Method, Needs, TaskStats
 from ..functional._fairgrad import _fairgrad_weights
-from ..functional._gramians import check_count, check_real
 
 __all__ = ["FairGrad"]
 
@@ -55,11 +55,11 @@ class FairGrad(Method):
     ) -> None:
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
-        self.alpha = check_real(alpha, "alpha", low=0.0)
+        self.alpha = check_number(alpha, "alpha", low=0.0)
         self.rescale = rescale
-        self.max_norm = check_real(max_norm, "max_norm", low=0.0)
-        self.tol = check_real(tol, "tol", low=0.0, low_open=True)
-        self.max_iter = check_count(max_iter, "max_iter")
+        self.max_norm = check_number(max_norm, "max_norm", low=0.0)
+        self.tol = check_number(tol, "tol", low=0.0, low_open=True)
+        self.max_iter = check_positive_int(max_iter, "max_iter")
 
     def decide(self, stats: TaskStats) -> Decision:
         weights = _fairgrad_weights(

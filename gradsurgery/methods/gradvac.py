@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from .._linalg import check_number
 from .._weighting import Decision, Method, Needs, TaskStats
 from ..functional import _projection_orders
 from ..functional._gradvac import _gradvac, check_targets
-from ..functional._gramians import check_real
 
 __all__ = ["GradVac"]
 
@@ -58,8 +58,8 @@ class GradVac(Method):
     def __init__(
         self, beta: float = 0.5, *, eps: float = 1e-8, generator: torch.Generator | None = None
     ) -> None:
-        self.beta = check_real(beta, "beta", low=0.0, high=1.0)
-        self.eps = check_real(eps, "eps", low=0.0)
+        self.beta = check_number(beta, "beta", low=0.0, high=1.0)
+        self.eps = check_number(eps, "eps", low=0.0)
         if generator is None:
             generator = torch.Generator().manual_seed(torch.initial_seed())
         elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
