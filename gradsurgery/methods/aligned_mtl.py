@@ -7,7 +7,7 @@ from typing import Any
 from .._linalg import check_number
 from .._weighting import Decision, Method, Needs, TaskStats
 from ..functional._aligned_mtl import ALIGNED_MTL_SCALE_MODES, aligned_mtl_weights
-from .upgrad import _check_length, _preferences
+from ._dual_cone import check_length, preferences
 
 __all__ = ["AlignedMTL"]
 
@@ -43,7 +43,7 @@ class AlignedMTL(Method):
     def __init__(
         self, pref_vector: Any = None, *, scale_mode: str = "min", rtol: float | None = None
     ) -> None:
-        self.pref_vector = _preferences(pref_vector)
+        self.pref_vector = preferences(pref_vector)
         if scale_mode not in ALIGNED_MTL_SCALE_MODES:
             raise ValueError(
                 f"scale_mode must be one of {ALIGNED_MTL_SCALE_MODES}, got {scale_mode!r}"
@@ -53,7 +53,7 @@ class AlignedMTL(Method):
 
     def check_num_tasks(self, num_tasks: int) -> None:
         super().check_num_tasks(num_tasks)
-        _check_length(self.pref_vector, num_tasks)
+        check_length(self.pref_vector, num_tasks)
 
     def decide(self, stats: TaskStats) -> Decision:
         weights = aligned_mtl_weights(
