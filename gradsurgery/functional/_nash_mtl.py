@@ -11,10 +11,22 @@ from torch import Tensor
 
 from .._linalg import as_gramian, as_task_vector, check_number, check_positive_int
 
-__all__ = ["nash_mtl_weights"]
+__all__ = ["NashMTLNoSolutionError", "nash_mtl_weights"]
 
 # Newton's decrement squared below which the bargaining equations hold to rounding.
 _DECREMENT_TOLERANCE = 1e-20
+# Largest weight (on the normalized Gramian) the solver accepts: beyond it the barrier term
+# 1 / alpha^2 of the Hessian falls below rounding against the Gramian's unit-norm entries, so the
+# Hessian is numerically singular and the Newton step meaningless.
+_LARGEST_WEIGHT = 1.0 / math.sqrt(np.finfo(np.float64).eps)
+# A unit nonnegative combination u of the gradients with u^T G_n u at most this (G_n of unit
+# Frobenius norm) counts as zero: the gradients are Pareto-stationary to working precision.
+_STATIONARY_TOLERANCE = math.sqrt(np.finfo(np.float64).eps)
+
+
+class NashMTLNoSolutionError(ValueError):
+    """The bargaining equations ``G a = 1 / a`` have no positive solution: the task gradients
+    are (close to) Pareto-stationary."""
 
 
 class NashSolution(NamedTuple):
@@ -43,9 +55,10 @@ def nash_mtl_weights(
     scaled so that ``||J^T a|| <= max_norm``.
 
     Tasks whose gradient is zero can gain nothing: they get weight 0 and the others bargain.
-    When no solution exists (a non-negative combination of the gradients is zero, e.g. an
-    exactly opposed pair), Newton's iterates grow without bound and the last one is returned,
-    as the authors' code returns its last iterate.
+    When no solution exists (a nonnegative combination of the gradients is zero, e.g. an
+    exactly opposed pair), Newton's iterates grow without bound until the Hessian is singular:
+    this raises ``NashMTLNoSolutionError`` rather than return an arbitrary iterate, whose
+    update ``J^T a`` would be rounding noise amplified by the huge weights.
 
     Parameters
     ----------
@@ -63,6 +76,15 @@ def nash_mtl_weights(
     -------
     Tensor
         ``[T]`` float64 weights.
+
+    Raises
+    ------
+    NashMTLNoSolutionError
+        A ``ValueError``, when ``G a = 1 / a`` has no positive solution: the gradients are
+        (close to) Pareto-stationary, some nonnegative combination of them is zero (e.g. two
+        exactly opposite gradients), so no update improves every task.
+    ValueError
+        On a bad Gramian or hyper-parameter.
 
     Examples
     --------
@@ -86,7 +108,12 @@ def nash_mtl_weights(
 
 
 def solve_bargaining(G: np.ndarray, max_iter: int, start: np.ndarray | None) -> NashSolution:
-    """``a > 0`` with ``G a = 1 / a`` on the tasks with a nonzero gradient (0 elsewhere)."""
+    """``a > 0`` with ``G a = 1 / a`` on the tasks with a nonzero gradient (0 elsewhere).
+
+    Raises ``NashMTLNoSolutionError`` when the gradients are Pareto-stationary: the
+    iterates blow up (non-finite, beyond ``_LARGEST_WEIGHT``, or a singular Hessian), or the
+    solver ends unconverged along a nonnegative combination of the gradients that is zero to
+    working precision."""
     num_tasks = G.shape[0]
     weights = np.zeros(num_tasks)
     active = np.flatnonzero(G.diagonal() > 0)
@@ -107,15 +134,37 @@ def solve_bargaining(G: np.ndarray, max_iter: int, start: np.ndarray | None) -> 
         iterations += 1
         gradient = normalized @ alpha - 1.0 / alpha
         hessian = normalized + np.diag(1.0 / alpha**2)
-        step = np.linalg.solve(hessian, gradient)
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            raise _no_solution(iterations, "the Newton system is singular") from None
         decrement_squared = float(gradient @ step)
+        if not math.isfinite(decrement_squared):
+            raise _no_solution(iterations, "the Newton step is not finite")
         if decrement_squared < _DECREMENT_TOLERANCE:
             converged = True
             break
         alpha = _line_search(normalized, alpha, step, decrement_squared)
+        if not np.isfinite(alpha).all() or float(alpha.max()) > _LARGEST_WEIGHT:
+            raise _no_solution(iterations, "the weights grow without bound")
+    if not converged:
+        direction = alpha / float(np.linalg.norm(alpha))
+        if float(direction @ normalized @ direction) <= _STATIONARY_TOLERANCE:
+            raise _no_solution(iterations, "the weights grow along a zero combination")
     # a solves G_n a_n = 1 / a_n for G_n = G / f; then a = a_n / sqrt(f) solves G a = 1 / a.
     weights[active] = alpha / math.sqrt(frobenius)
     return NashSolution(weights, converged, iterations)
+
+
+def _no_solution(iterations: int, symptom: str) -> NashMTLNoSolutionError:
+    return NashMTLNoSolutionError(
+        "Nash-MTL found no positive solution of G a = 1 / a "
+        f"({symptom} after {iterations} Newton steps): the task gradients are (close to) "
+        "Pareto-stationary, some nonnegative combination of them is zero (e.g. two exactly "
+        "opposite gradients), so no update improves every task. Skip this step, keep the "
+        "previous weights (the NashMTL method does when it has them), or use a method defined "
+        "there (MGDA gives a zero update)"
+    )
 
 
 def _line_search(

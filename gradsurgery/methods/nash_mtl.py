@@ -10,7 +10,7 @@ import numpy as np
 
 from .._linalg import check_number, check_positive_int
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._nash_mtl import clip_weights, solve_bargaining
+from ..functional._nash_mtl import NashMTLNoSolutionError, clip_weights, solve_bargaining
 
 __all__ = ["NashMTL"]
 
@@ -22,6 +22,14 @@ class NashMTL(Method):
     last bargaining weights (before clipping): they are reused between updates, as in the
     authors' code, and start the next solve (a warm start; the solution is unique, so it only
     saves Newton iterations).
+
+    When the gradients are Pareto-stationary the bargaining equations have no solution; then, as
+    the authors' code keeps its previous weights when its solver fails
+    (github.com/AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL.solve_optimization``,
+    commit cce1840), the last bargaining weights are reused (clipped with the current
+    gradients) and the decision's extras say ``fallback=True``. Without previous weights (the
+    first step, or after :meth:`reset`) the
+    ``NashMTLNoSolutionError`` (a ``ValueError``) is raised.
 
     Parameters
     ----------
@@ -70,13 +78,23 @@ class NashMTL(Method):
             )
         extras: dict[str, Any] = {"updated": False}
         if previous is None or self.step % self.update_weights_every == 0:
-            solution = solve_bargaining(G, self.optim_niter, previous)
-            bargained = solution.weights
-            extras = {
-                "updated": True,
-                "converged": solution.converged,
-                "iterations": solution.iterations,
-            }
+            try:
+                solution = solve_bargaining(G, self.optim_niter, previous)
+            except NashMTLNoSolutionError as error:
+                if previous is None:
+                    raise
+                # No bargaining solution (Pareto-stationary gradients): keep the previous
+                # weights, as the authors' solver does when it fails.
+                bargained = previous
+                extras = {"updated": False, "fallback": True, "reason": str(error)}
+            else:
+                bargained = solution.weights
+                extras = {
+                    "updated": True,
+                    "fallback": False,
+                    "converged": solution.converged,
+                    "iterations": solution.iterations,
+                }
         else:
             bargained = previous
         weights = clip_weights(G, bargained, self.max_norm)

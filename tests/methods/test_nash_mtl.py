@@ -14,7 +14,7 @@ from torchjd.aggregation import NashMTL as TorchjdNashMTL
 
 from gradsurgery._weighting import Needs, TaskStats
 from gradsurgery.functional import nash_mtl_weights
-from gradsurgery.functional._nash_mtl import solve_bargaining
+from gradsurgery.functional._nash_mtl import NashMTLNoSolutionError, solve_bargaining
 from gradsurgery.methods.nash_mtl import NashMTL
 
 from ._gramian_properties import jacobians, permutations, relative_error
@@ -105,11 +105,52 @@ def test_zero_gradient_gets_zero_weight_and_the_others_bargain():
     assert nash_mtl_weights(torch.zeros(2, 2)).tolist() == [0.0, 0.0]
 
 
-def test_no_solution_ends_unconverged_without_nan():
-    """Exactly opposed gradients: a nonnegative combination is zero, no bargaining solution."""
-    G = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
-    solution = solve_bargaining(G.numpy(), 20, None)
-    assert not solution.converged and np.isfinite(solution.weights).all()
+_OPPOSED = np.array([[1.0, -1.0], [-1.0, 1.0]])  # g_1 = -g_2: g_1 + g_2 = 0
+_NEARLY_DEPENDENT = (lambda J: J @ J.T)(np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0 + 1e-9]]))
+
+
+@pytest.mark.parametrize("G", [_OPPOSED, _NEARLY_DEPENDENT], ids=["opposed", "nearly-dependent"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_pareto_stationary_gradients_raise_a_clear_error(G, warm):
+    """No positive solution of G a = 1 / a: a clear error, never a singular-matrix crash nor
+    the huge last iterate (whose update would be rounding noise times 1e6). The warm start from
+    large weights is how a training run reaches the singular Hessian."""
+    start = np.full(G.shape[0], 1e6) if warm else None
+    with pytest.raises(NashMTLNoSolutionError, match="Pareto-stationary") as raised:
+        solve_bargaining(G, 20, start)
+    assert isinstance(raised.value, ValueError)
+    with pytest.raises(ValueError, match="no positive solution of G a = 1 / a"):
+        nash_mtl_weights(torch.from_numpy(G), warm_start=None if start is None else start)
+
+
+def test_method_falls_back_to_the_previous_weights_when_there_is_no_solution():
+    method = NashMTL(max_norm=0.0)
+    good = method.decide(TaskStats((1.0, 1.0), gramian_rows=[[1.0, 0.0], [0.0, 4.0]]))
+    assert good.extras["updated"] and not good.extras["fallback"]
+    method.commit(good.state)
+    stuck = method.decide(TaskStats((1.0, 1.0), gramian_rows=_OPPOSED.tolist()))
+    assert stuck.extras["fallback"] and not stuck.extras["updated"]
+    assert "Pareto-stationary" in stuck.extras["reason"]
+    assert stuck.weights == pytest.approx(good.weights)
+    assert stuck.state == (2, good.state[1])  # the step counts; the weights are kept
+    method.commit(stuck.state)
+    assert method.state_dict() == {"step": 2, "weights": list(good.state[1])}
+
+
+def test_method_fallback_clips_with_the_current_gradients():
+    method = NashMTL(max_norm=1.0)
+    method.commit(method.decide(TaskStats((1.0, 1.0), gramian_rows=[[1.0, 0.0], [0.0, 4.0]])).state)
+    G = 16.0 * _OPPOSED  # the kept weights (1, 1/2) give ||J^T a|| = 2 here
+    stuck = method.decide(TaskStats((1.0, 1.0), gramian_rows=G.tolist()))
+    assert stuck.extras["fallback"]
+    assert stuck.weights == pytest.approx([0.5, 0.25], rel=1e-12)
+
+
+def test_fresh_method_raises_and_changes_nothing_without_previous_weights():
+    method = NashMTL()
+    with pytest.raises(NashMTLNoSolutionError, match="Pareto-stationary"):
+        method.decide(TaskStats((1.0, 1.0), gramian_rows=_OPPOSED.tolist()))
+    assert method.state_dict() == {"step": 0, "weights": None}
 
 
 def test_warm_start_reaches_the_same_weights_in_fewer_iterations():
