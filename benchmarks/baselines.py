@@ -8,9 +8,11 @@
   (``/work/shared/reference/study-design-notes.md``): a first forward pass, per-task gradients
   at the shared layer with ``create_graph=True``, the GradNorm loss backpropagated through them
   (a double backward) to the log-weights, then a second forward pass and a weighted backward.
-- torchjd's PCGrad (https://github.com/SimplexLab/TorchJD), through its two documented entry
-  points: ``torchjd.autojac.backward`` + ``jac_to_grad`` (the Jacobian, computed with vmap), and
-  the ``torchjd.autogram.Engine`` (the Gramian, computed with module hooks).
+- torchjd (https://github.com/SimplexLab/TorchJD): :class:`TorchjdAutojac`, any of its
+  aggregators (:data:`TORCHJD_AGGREGATORS`, the methods gradsurgery also has) through
+  ``torchjd.autojac.backward`` + ``jac_to_grad`` (the Jacobian, computed with vmap); and
+  :class:`TorchjdAutogramPCGrad`, its PCGrad weighting on the Gramian of the
+  ``torchjd.autogram.Engine`` (computed with module hooks).
 
 They are written plainly, as a user would, and are not tuned.
 """
@@ -135,6 +137,7 @@ def _torchjd_aggregators() -> dict[str, Callable[[int], object]]:
     from torchjd import aggregation as a
 
     return {
+        "PCGrad": lambda t: a.PCGrad(),
         "MGDA": lambda t: a.MGDA(),
         "CAGrad": lambda t: a.CAGrad(c=0.5),
         "NashMTL": lambda t: a.NashMTL(n_tasks=t),
@@ -156,22 +159,6 @@ class TorchjdAutojac:
     def __init__(self, model: nn.Module, aggregator: object) -> None:
         self.params = list(model.parameters())
         self.aggregator = aggregator
-
-    def backward(self, losses: Sequence[Tensor]) -> None:
-        from torchjd.autojac import backward, jac_to_grad
-
-        backward(list(losses), inputs=self.params)
-        jac_to_grad(self.params, self.aggregator)
-
-
-class TorchjdAutojacPCGrad:
-    """torchjd's PCGrad through ``autojac.backward`` and ``autojac.jac_to_grad``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from torchjd.aggregation import PCGrad
-
-        self.params = list(model.parameters())
-        self.aggregator = PCGrad()
 
     def backward(self, losses: Sequence[Tensor]) -> None:
         from torchjd.autojac import backward, jac_to_grad

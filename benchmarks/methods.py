@@ -24,7 +24,6 @@ from baselines import (
     StraightforwardPCGrad,
     TorchjdAutogramPCGrad,
     TorchjdAutojac,
-    TorchjdAutojacPCGrad,
     torchjd_version,
 )
 from models import Batch, task_losses
@@ -191,9 +190,9 @@ def reference_gradnorm(model: nn.Module, batches: list[Batch]) -> Step:
     return step
 
 
-def torchjd_pcgrad(model: nn.Module, batches: list[Batch], autogram: bool = False) -> Step:
-    """BASELINE: torchjd's PCGrad aggregator (autojac) or weighting (autogram engine)."""
-    combine = TorchjdAutogramPCGrad(model) if autogram else TorchjdAutojacPCGrad(model)
+def torchjd_pcgrad_autogram(model: nn.Module, batches: list[Batch]) -> Step:
+    """BASELINE: torchjd's PCGrad weighting on the Gramian of its autogram engine."""
+    combine = TorchjdAutogramPCGrad(model)
     optimizer, next_batch = _adam(model), _cycle(batches)
 
     def step() -> None:
@@ -339,13 +338,13 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "torchjd-pcgrad",
             "baseline: torchjd PCGrad (autojac)",
-            torchjd_pcgrad,
+            lambda m, b: torchjd_method(m, b, "PCGrad"),
             needs="torchjd",
         ),
         MethodSpec(
             "torchjd-pcgrad-autogram",
             "baseline: torchjd PCGrad (autogram engine)",
-            lambda m, b: torchjd_pcgrad(m, b, autogram=True),
+            torchjd_pcgrad_autogram,
             needs="torchjd",
         ),
         *_every_method(),

@@ -103,3 +103,31 @@ def test_steps_are_timed_with_the_device_s_clock() -> None:
     assert len(waits) == 6  # before and after each of the three steps
     if torch.cuda.is_available():
         assert "synchronize" in clock_for(torch.device("cuda")).name
+
+
+@pytest.mark.usefixtures("benchmarks_importable")
+def test_every_method_has_a_study_row_with_its_bound() -> None:
+    # A method added to gradsurgery.methods is benchmarked without a hand-written row.
+    import inspect
+
+    from methods import GRADIENT_TARGET, LOSS_WEIGHTING_TARGET, METHODS
+
+    import gradsurgery.methods as package
+    from gradsurgery._weighting import Method, Needs
+
+    classes = {
+        cls
+        for _, cls in inspect.getmembers(package, inspect.isclass)
+        if issubclass(cls, Method) and cls.__name__ not in ("Mean", "LinearScalarization")
+    }
+    assert len(classes) >= 10
+    for cls in classes:
+        if cls.__name__ == "PCGrad":
+            key = "gs-pcgrad-fast"  # the hand-written row
+        else:
+            suffix = "-fast" if cls.needs > Needs.LOSSES else ""
+            key = f"gs-{cls.__name__.lower()}{suffix}".replace("gradnorm", "gradnorm-method")
+        assert key in METHODS, f"no study row for {cls.__name__}"
+        bound = GRADIENT_TARGET if cls.needs > Needs.LOSSES else LOSS_WEIGHTING_TARGET
+        assert METHODS[key].target == bound
+        assert not METHODS[key].peer or METHODS[key].peer in METHODS
