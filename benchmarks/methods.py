@@ -190,9 +190,8 @@ def reference_gradnorm(model: nn.Module, batches: list[Batch]) -> Step:
     return step
 
 
-def torchjd_pcgrad_autogram(model: nn.Module, batches: list[Batch]) -> Step:
-    """BASELINE: torchjd's PCGrad weighting on the Gramian of its autogram engine."""
-    combine = TorchjdAutogramPCGrad(model)
+def _torchjd_step(model: nn.Module, batches: list[Batch], combine) -> Step:
+    """A training step whose ``backward`` is one of torchjd's (``combine.backward(losses)``)."""
     optimizer, next_batch = _adam(model), _cycle(batches)
 
     def step() -> None:
@@ -201,6 +200,11 @@ def torchjd_pcgrad_autogram(model: nn.Module, batches: list[Batch]) -> Step:
         optimizer.step()
 
     return step
+
+
+def torchjd_pcgrad_autogram(model: nn.Module, batches: list[Batch]) -> Step:
+    """BASELINE: torchjd's PCGrad weighting on the Gramian of its autogram engine."""
+    return _torchjd_step(model, batches, TorchjdAutogramPCGrad(model))
 
 
 GRADIENT_TARGET = 1.3  # a method that reads per-task gradients (norms, Gramian, Jacobian)
@@ -233,16 +237,8 @@ def gs_method(model: nn.Module, batches: list[Batch], name: str) -> Step:
 
 def torchjd_method(model: nn.Module, batches: list[Batch], name: str) -> Step:
     """BASELINE: torchjd's ``autojac.backward`` + ``jac_to_grad`` with its aggregator ``name``."""
-    num_tasks = len(batches[0].task_sizes)
-    combine = TorchjdAutojac(model, TORCHJD_AGGREGATORS[name](num_tasks))
-    optimizer, next_batch = _adam(model), _cycle(batches)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        combine.backward(task_losses(model, next_batch()))
-        optimizer.step()
-
-    return step
+    aggregator = TORCHJD_AGGREGATORS[name](len(batches[0].task_sizes))
+    return _torchjd_step(model, batches, TorchjdAutojac(model, aggregator))
 
 
 def _every_method() -> list[MethodSpec]:
