@@ -79,12 +79,11 @@ def nash_mtl_weights(
 
     Raises
     ------
-    NashMTLNoSolutionError
-        A ``ValueError``, when ``G a = 1 / a`` has no positive solution: the gradients are
-        (close to) Pareto-stationary, some nonnegative combination of them is zero (e.g. two
-        exactly opposite gradients), so no update improves every task.
     ValueError
-        On a bad Gramian or hyper-parameter.
+        ``NashMTLNoSolutionError``, when ``G a = 1 / a`` has no positive solution: the
+        gradients are (close to) Pareto-stationary, some nonnegative combination of them is
+        zero (e.g. two exactly opposite gradients), so no update improves every task. A plain
+        ``ValueError`` on a bad Gramian or hyper-parameter.
 
     Examples
     --------

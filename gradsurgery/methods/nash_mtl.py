@@ -28,7 +28,7 @@ class NashMTL(Method):
     (github.com/AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL.solve_optimization``,
     commit cce1840), the last bargaining weights are reused (clipped with the current
     gradients) and the decision's extras say ``fallback=True``. Without previous weights (the
-    first step, or after :meth:`reset`) the
+    first step, or after ``reset()``) the
     ``NashMTLNoSolutionError`` (a ``ValueError``) is raised.
 
     Parameters
