@@ -239,6 +239,29 @@ def graph_leaves(
     return unique_tensors(leaves)
 
 
+def reaches_any(root: Tensor, wanted: Collection[int]) -> bool:
+    """Whether the graph of ``root`` leads to a leaf whose ``id`` is in ``wanted``.
+
+    Stops at the first such leaf: a loss usually finds one a few nodes down (its head's bias),
+    so the check costs microseconds where a whole walk of the graph costs more.
+    """
+    node = root.grad_fn
+    if node is None:
+        return id(root) in wanted
+    stack, seen = [node], {node}
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None or child in seen:
+                continue
+            if type(child) is _AccumulateGrad:
+                if id(child.variable) in wanted:
+                    return True
+                continue
+            seen.add(child)
+            stack.append(child)
+    return False
+
+
 def _follow(node: Any, bypass: dict[Any, Any]) -> Any:
     for _ in range(len(bypass) + 1):  # chains: a layer called on its own output
         if node not in bypass:

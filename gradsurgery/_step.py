@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._autograd import AutogradEngine, graph_leaves
+from ._autograd import AutogradEngine, graph_leaves, reaches_any
 from ._distributed import synchronizer
 from ._grads import accumulate_grads, all_finite
 from ._info import StepInfo
@@ -142,6 +142,10 @@ class UpdatePipeline:
         write: bool,
     ) -> StepInfo:
         """A method that reads loss values only: one backward pass of ``sum_i w_i L_i``."""
+        if params is not None:
+            # A loss that reaches no optimized parameter would silently drop out of the update.
+            wanted = {id(p) for p in params}
+            _refuse_unreached([t for t, x in enumerate(losses) if not reaches_any(x, wanted)])
         stats = TaskStats(losses=tuple(values))
         with self._rollback_on_error():
             decision = self.method.decide(stats)
@@ -429,13 +433,7 @@ class UpdatePipeline:
                 "no parameter of the wrapped optimizer is reached by any loss: the losses do "
                 "not depend on the parameters being optimized"
             )
-        lost = np.flatnonzero(~reached.any(axis=1))
-        if lost.size:
-            raise ValueError(
-                f"the loss of task(s) {_tasks(lost)} reaches none of the optimized parameters "
-                "(a loss of another model, or a head left out of the optimizer?): add its "
-                "parameters to the optimizer, or leave the loss out"
-            )
+        _refuse_unreached(np.flatnonzero(~reached.any(axis=1)))
         if self.shared is None and mask is not None and not mask.any():
             raise ValueError(
                 f"no optimized parameter is reached by every task's loss, so {name} has no "
@@ -545,6 +543,15 @@ def _unscale(jacobian: TaskJacobian, scale: float) -> None:
     jacobian.dense.div_(scale)
     for factors in jacobian.factored.values():
         factors.output_grads.div_(scale)
+
+
+def _refuse_unreached(lost: Sequence[int]) -> None:
+    if len(lost):
+        raise ValueError(
+            f"the loss of task(s) {_tasks(lost)} reaches none of the optimized parameters "
+            "(a loss of another model, or a head left out of the optimizer?): add its "
+            "parameters to the optimizer, or leave the loss out"
+        )
 
 
 def _tasks(indices: Any) -> str:
