@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+import gradsurgery.methods
 
 
 @dataclass
@@ -43,7 +46,14 @@ class Config:
 
     # --- how the task losses become one update ---------------------------------------
     method: str = "mean"
-    """'mean' (average the task losses), 'pcgrad' or 'gradnorm' (gradsurgery wrappers)."""
+    """Any method of gradsurgery.methods, lower-cased: 'mean' (average the task losses),
+    'pcgrad', 'gradnorm', 'mgda', 'cagrad', 'nashmtl', 'dwa', ... (README: the methods)."""
+    method_options: str = ""
+    """Keyword arguments of the method beyond its flags, as a JSON object, e.g.
+    '{"c": 0.5}' for CAGrad; empty: the library's defaults (the authors' values)."""
+    epoch_rounds: int = 1
+    """What an epoch is for the methods that count epochs (DWA's loss windows, STCH's
+    warm-up): this many rounds, one training episode of every task each."""
     pcgrad_reduction: str = "mean"
     """How PCGrad merges the projected task gradients: 'mean' or 'sum'."""
     gradnorm_alpha: float = 1.5
@@ -155,6 +165,20 @@ class Config:
         for name in ("max_episode_steps", "task_embedding_dim", "eval_seed"):
             value = getattr(self, name)
             need(value >= 0, f"--{_flag(name)} {value}: must be 0 or more")
+        try:
+            options = self.method_keywords()
+        except ValueError as err:
+            out.append(str(err))
+        else:
+            if self.method in METHOD_CLASSES:
+                method_class = METHOD_CLASSES[self.method]
+                accepted = inspect.signature(method_class).parameters
+                unknown = sorted(set(options) - set(accepted))
+                need(
+                    not unknown,
+                    f"--method-options: {self.method} takes no argument named "
+                    f"{', '.join(unknown)}; its arguments: {', '.join(accepted) or 'none'}",
+                )
         need(self.num_atoms >= 2, f"--num-atoms {self.num_atoms}: must be at least 2")
         for name, low, high, low_open, high_open in FLOAT_RANGES:
             value = getattr(self, name)
@@ -179,6 +203,24 @@ class Config:
             "never start; raise --buffer-size or lower --min-replay-size",
         )
         return out
+
+    def method_keywords(self) -> dict[str, typing.Any]:
+        """`method_options` read: the method's keyword arguments beyond its flags."""
+        if not self.method_options.strip():
+            return {}
+        try:
+            options = json.loads(self.method_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"--method-options {self.method_options!r} is not JSON ({err}); write an "
+                """object such as '{"c": 0.5}'"""
+            ) from None
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"--method-options {self.method_options!r} is not a JSON object; write the "
+                """keyword arguments as one, such as '{"c": 0.5}'"""
+            )
+        return options
 
     def validate(self) -> None:
         """Raise `ValueError` listing every problem of `problems()`."""
@@ -209,10 +251,16 @@ def _flag(name: str) -> str:
 
 NUM_TASKS_IN_STUDY = 3  # standard, windy, heavy (envs.py; not imported: no gym at parse time)
 
+# `--method`: every method of the library, by its lower-cased class name.
+METHOD_CLASSES: dict[str, type[gradsurgery.Method]] = {
+    name.lower(): getattr(gradsurgery.methods, name) for name in gradsurgery.methods.__all__
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHOD_CLASSES)
+
 # The values each string field accepts.
 CHOICES: dict[str, tuple[str, ...]] = {
     "network": ("blind", "aware", "brc"),
-    "method": ("mean", "pcgrad", "gradnorm"),
+    "method": METHOD_NAMES,
     "pcgrad_reduction": ("mean", "sum"),
     "engine": ("partition", "autograd"),
     "optimizer": ("adam", "adamw"),
@@ -231,6 +279,7 @@ POSITIVE_INTS = (
     "eval_episodes",
     "final_eval_episodes",
     "checkpoint_every",
+    "epoch_rounds",
 )
 # (field, low, high, low excluded, high excluded): finite and inside the interval.
 FLOAT_RANGES = (
@@ -300,6 +349,44 @@ CONFIGS.update(
         "shared-aware-copy10u": dict(
             network="aware", target_update="updates", target_update_every=10
         ),
+    }
+)
+
+# Every other method of the library on the task-blind network (where the reference found its
+# best result), opt-in like the entries above. Each uses the library's defaults, which are the
+# authors' recommended values, except where the authors published values for multi-task
+# reinforcement learning (Meta-World MT10): those are given here. README: every value, and
+# where it comes from.
+METHOD_OPTIONS_OF_THE_STUDY: dict[str, dict[str, typing.Any]] = {
+    "mgda": {},
+    "cagrad": {"c": 0.9},  # the authors' MT10 runs (0.4: their NYUv2 runs, the default)
+    "nashmtl": {},
+    "imtlg": {},
+    "alignedmtl": {},
+    "upgrad": {},
+    "dualproj": {},
+    "fairgrad": {"alpha": 2.0},  # the authors' MT10 runs (and their other experiments)
+    "config": {},
+    "gradvac": {},
+    "graddrop": {},
+    "famo": {},
+    "uw": {},
+    "imtll": {},
+    "dwa": {},
+    "rlw": {},
+    "dbmtl": {},
+    "gls": {},
+    "stch": {},
+}
+METHOD_CONFIGS: tuple[str, ...] = tuple(f"{method}-blind" for method in METHOD_OPTIONS_OF_THE_STUDY)
+CONFIGS.update(
+    {
+        f"{method}-blind": dict(
+            network="blind",
+            method=method,
+            **({"method_options": json.dumps(options)} if options else {}),
+        )
+        for method, options in METHOD_OPTIONS_OF_THE_STUDY.items()
     }
 )
 

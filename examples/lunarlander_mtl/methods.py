@@ -6,9 +6,10 @@ Every method is the same call: the optimizer wrapped with the method named by `-
     optimizer.zero_grad(); info = optimizer.backward(task_losses); optimizer.step()
 
 `--method` takes the name of any method in `gs.methods`, lower-cased (`mean`, `pcgrad`,
-`gradnorm`, ...); the methods of the study have their hyper-parameters as flags
-(`METHOD_OPTIONS`). gradsurgery's public API only; this module builds the wrapper and turns
-its diagnostics into log columns.
+`gradnorm`, `mgda`, `dwa`, ...); PCGrad's and GradNorm's hyper-parameters are flags
+(`METHOD_OPTIONS`), every method's are `--method-options` (a JSON object). gradsurgery's
+public API only; this module builds the wrapper, tells the methods that count epochs when
+one ends, and turns the diagnostics into log columns.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from config import Config
+from config import METHOD_CLASSES, Config
 from envs import TASK_NAMES
 from torch import nn
 
@@ -42,7 +43,7 @@ SHARED_LAYER: dict[str, str] = {"gradnorm": "gradnorm_layer"}
 
 def method_classes() -> dict[str, type[gs.Method]]:
     """Every method of the library by its lower-cased name: {'mean': gs.methods.Mean, ...}."""
-    return {name.lower(): getattr(gs.methods, name) for name in gs.methods.__all__}
+    return dict(METHOD_CLASSES)
 
 
 @dataclass
@@ -50,6 +51,23 @@ class Method:
     name: str
     optimizer: gs.MultiTaskOptimizer  # wraps Adam and acts like it
     engine: gs.BatchPartitionEngine | None = None  # `--engine partition`
+    epoch_rounds: int = 1  # rounds per epoch, for the methods that count epochs
+
+    def signals(self, info: gs.StepInfo | None) -> dict[str, float]:
+        """The update's diagnostics as log columns (Mean's constant weights are not logged)."""
+        return signals(info, log_weights=self.name != "mean")
+
+    def end_round(self, rounds: int, updates: int) -> None:
+        """Called after every round (one training episode of every task, `rounds` so far).
+
+        A DQN has no epochs; for the methods that count them (DWA's loss windows, STCH's
+        warm-up) an epoch is `epoch_rounds` rounds. Epochs start once learning has
+        (`updates` > 0): before that no loss has been seen, and an epoch without a step
+        would count towards STCH's warm-up.
+        """
+        method = self.optimizer.method
+        if updates > 0 and rounds % self.epoch_rounds == 0 and counts_epochs(method):
+            method.end_epoch()
 
     def recording(self, batch_size: int):
         """Wrap the loss computation: a BatchPartitionEngine records the forward pass."""
@@ -94,13 +112,7 @@ def make_method(cfg: Config, q_net: nn.Module) -> Method:
     if cfg.method not in classes:
         raise ValueError(f"unknown method {cfg.method!r}: expected one of {', '.join(classes)}")
     method_class = classes[cfg.method]
-    flags = METHOD_OPTIONS.get(cfg.method, {})
-    options = {arg: getattr(cfg, field) for arg, field in flags.items()}
-    if "generator" in inspect.signature(method_class).parameters:
-        # A random method (PCGrad's projection order) draws from its own generator, seeded
-        # by the run and saved in the optimizer's state_dict: a resumed run draws the same.
-        options["generator"] = torch.Generator().manual_seed(cfg.seed)
-    method = method_class(**options)
+    method = method_class(**method_arguments(cfg, method_class))
 
     # Per-task gradients (methods that read more than the loss values): one autograd call
     # per task, or one backward pass whose per-sample gradients are split by task.
@@ -110,7 +122,40 @@ def make_method(cfg: Config, q_net: nn.Module) -> Method:
     wrapper = gs.MultiTaskOptimizer(
         optimizer, method, shared_parameters=shared_parameters(cfg, q_net), engine=engine
     )
-    return Method(cfg.method, wrapper, engine)
+    return Method(cfg.method, wrapper, engine, cfg.epoch_rounds)
+
+
+def counts_epochs(method: gs.Method) -> bool:
+    """Whether the method has epochs to be told about (`end_epoch`)."""
+    if isinstance(method, gs.methods.DWA):
+        return method.window == "epoch"  # window="step" has none
+    return callable(getattr(method, "end_epoch", None))
+
+
+def method_arguments(cfg: Config, method_class: type[gs.Method]) -> dict:
+    """The method's keyword arguments: its flags, `--method-options`, the number of tasks
+    where the method needs it, and a generator seeded by the run where it draws."""
+    flags = METHOD_OPTIONS.get(cfg.method, {})
+    options = {arg: getattr(cfg, field) for arg, field in flags.items()}
+    extra = cfg.method_keywords()
+    twice = sorted(set(options) & set(extra))
+    if twice:
+        raise ValueError(
+            f"--method-options sets {', '.join(twice)} of {cfg.method}, which its flags "
+            f"({', '.join('--' + flags[a].replace('_', '-') for a in twice)}) already set: "
+            "give it once, as the flag"
+        )
+    options.update(extra)
+    parameters = inspect.signature(method_class).parameters
+    num_tasks = parameters.get("num_tasks")
+    if num_tasks is not None and num_tasks.default is inspect.Parameter.empty:
+        options.setdefault("num_tasks", len(TASK_NAMES))  # UW, IMTL-L, FAMO
+    if "generator" in parameters:
+        # A random method (PCGrad's projection order, RLW's weights) draws from its own
+        # generator, seeded by the run and saved in the optimizer's state_dict: a resumed run
+        # draws the same.
+        options["generator"] = torch.Generator().manual_seed(cfg.seed)
+    return options
 
 
 def shared_parameters(cfg: Config, q_net: nn.Module) -> list[nn.Parameter] | None:
@@ -129,8 +174,10 @@ def shared_parameters(cfg: Config, q_net: nn.Module) -> list[nn.Parameter] | Non
     return None  # every parameter all three tasks reach, the task embedding included
 
 
-def signals(info: gs.StepInfo | None) -> dict[str, float]:
-    """The per-update diagnostics logged for each method (averaged over an episode)."""
+def signals(info: gs.StepInfo | None, log_weights: bool = False) -> dict[str, float]:
+    """The per-update diagnostics logged for each method (averaged over an episode):
+    PCGrad's conflicts and cosines, GradNorm's weights, and with `log_weights` the task
+    weights of every other method that reports them."""
     if isinstance(info, gs.PCGradInfo):
         out = {"conflict_rate": float(info.conflict_rate)}
         cosine = info.cosine  # derived from the Gramian on each access: read it once
@@ -139,7 +186,10 @@ def signals(info: gs.StepInfo | None) -> dict[str, float]:
         return out
     if isinstance(info, gs.GradNormInfo):
         return {column: float(w) for column, w in zip(WEIGHT_COLUMNS, info.weights, strict=True)}
-    return {}
+    weights = None if info is None or not log_weights else info.weights
+    if weights is None:
+        return {}
+    return {column: float(w) for column, w in zip(WEIGHT_COLUMNS, weights, strict=True)}
 
 
 def empty_signals() -> dict[str, float]:

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -265,10 +265,12 @@ def saved_config_differs(cfg: Config, run_dir: Path) -> dict:
     except json.JSONDecodeError as err:
         raise RunError(f"{path} cannot be read ({err}). {_RESTART}") from err
     new = json.loads(cfg.to_json())
+    # A field missing from the saved config is newer than the run, which ran as its default.
+    defaults = {f.name: f.default for f in fields(Config)}
     return {
-        k: (saved.get(k), v)
+        k: (saved.get(k, defaults[k]), v)
         for k, v in new.items()
-        if k not in BOOKKEEPING_FIELDS and saved.get(k) != v
+        if k not in BOOKKEEPING_FIELDS and saved.get(k, defaults[k]) != v
     }
 
 

@@ -46,7 +46,7 @@ from config import (
 )
 from envs import NUM_ACTIONS, NUM_TASKS, OBS_DIM, TASK_NAMES, make_env
 from evaluate import EVAL_COLUMNS, evaluate, summarize
-from methods import SIGNAL_COLUMNS, empty_signals, make_method, signals
+from methods import SIGNAL_COLUMNS, empty_signals, make_method
 from networks import categorical_projection, make_network
 from replay import Batch, PerTaskReplayBuffer
 from runfiles import (
@@ -242,6 +242,7 @@ def _train(
         episode_rows=0,  # rows in episodes.csv / eval.csv covered by this checkpoint
         eval_rows=0,
         wall_time=0.0,
+        update_time=0.0,  # seconds spent in gradient updates (sample, losses, backward, step)
         finished=False,
     )
     if resuming:
@@ -255,6 +256,7 @@ def _train(
         torch.set_rng_state(ckpt["torch_rng"])
         random.setstate(ckpt["python_rng"])
         state = ckpt["state"]
+        state.setdefault("update_time", math.nan)  # earlier versions did not time updates
         del ckpt
         # Rows written after the checkpoint belong to work that is about to be redone.
         check_log(run_dir / "episodes.csv", EPISODE_COLUMNS, state["episode_rows"], repair=True)
@@ -350,6 +352,7 @@ def _train(
 
             # --- learn: every `update_every` steps, once every task's buffer is warm ----
             if state["env_steps"] % cfg.update_every == 0 and buffer.is_warm(cfg.min_replay_size):
+                update_start = time.perf_counter()
                 batch = buffer.sample_all(cfg.batch_size)  # 64 per task, task-major
                 with method.recording(cfg.batch_size):  # no-op unless --engine partition
                     losses = td_losses(q_net, target_net, batch, task_ids, cfg)  # [3]
@@ -359,12 +362,13 @@ def _train(
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
                 method.optimizer.step()
+                state["update_time"] += time.perf_counter() - update_start
 
                 state["updates"] += 1
                 ep_updates += 1
                 update_target(target_net, q_net, cfg, "updates", state["updates"])
                 loss_sums += losses.detach().numpy()
-                for key, value in signals(info).items():
+                for key, value in method.signals(info).items():
                     signal_sums[key] = signal_sums.get(key, 0.0) + value
         session_steps += ep_length
 
@@ -392,6 +396,8 @@ def _train(
 
         state["epsilon"] = max(cfg.epsilon_min, epsilon * cfg.epsilon_decay)
         update_target(target_net, q_net, cfg, "episodes", episode + 1)
+        if (episode + 1) % NUM_TASKS == 0:  # a round: one episode of every task
+            method.end_round((episode + 1) // NUM_TASKS, state["updates"])
 
         # Evaluate whenever every task has finished another `eval_every` episodes; at the
         # very end the final evaluation (below) takes the place of the periodic one.
@@ -437,6 +443,9 @@ def _train(
     wall_time = wall_before + time.perf_counter() - session_start
     summary["wall_time_s"] = wall_time
     summary["env_steps_per_s"] = state["env_steps"] / max(wall_time, 1e-9)
+    if math.isfinite(state["update_time"]):  # unknown for runs begun by earlier versions
+        summary["update_time_s"] = state["update_time"]
+        summary["ms_per_update"] = 1e3 * state["update_time"] / max(state["updates"], 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     state["finished"] = True  # only once summary.json exists: a resume may return it
     checkpoint()
