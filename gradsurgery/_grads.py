@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulate_grads", "all_finite"]
+__all__ = ["accumulate_grads", "all_finite", "fresh_all_finite"]
 
 
 def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -51,3 +51,31 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     if math.isfinite(total):
         return True
     return all(bool(torch.isfinite(t).all()) for t in parts)
+
+
+def fresh_all_finite(tensors: Sequence[Tensor]) -> bool:
+    """:func:`all_finite` for fresh floating-point tensors that nobody else holds (the outputs of
+    ``torch.autograd.grad`` without a graph), in one fused kernel.
+
+    The kernel is GradScaler's check, which also multiplies its tensors in place, here by 1
+    (bit for bit the same values): hence fresh, contiguous tensors only (an expanded one, a
+    scalar's gradient broadcast, takes the per-tensor check). A reduction per tensor costs more
+    than the rest of a loss weighting's bookkeeping.
+    """
+    if (
+        len(tensors) < 2
+        or not _FUSED_CHECK
+        or any(
+            t.device != tensors[0].device or not t.is_floating_point() or not t.is_contiguous()
+            for t in tensors
+        )
+    ):
+        return all_finite(tensors)
+    found = torch.zeros(1, device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(
+        list(tensors), found, torch.ones(1, device=found.device)
+    )
+    return not found.item()
+
+
+_FUSED_CHECK = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._autograd import AutogradEngine, graph_leaves, reaches_any
 from ._distributed import synchronizer
-from ._grads import accumulate_grads, all_finite
+from ._grads import accumulate_grads, all_finite, fresh_all_finite
 from ._info import StepInfo
 from ._jacobian import Engine, TaskJacobian
 from ._validation import NonFiniteError, check_losses, loss_values, nonfinite_values
@@ -158,7 +158,7 @@ class UpdatePipeline:
                         "no parameter of the wrapped optimizer is reached by any loss: the "
                         "losses do not depend on the parameters being optimized"
                     )
-                skipped = not all_finite(grads)
+                skipped = not fresh_all_finite(grads)
                 if skipped and scale is None:
                     self._refuse_weighted()
                 self._write(targets, grads, decision, scale)
@@ -266,7 +266,7 @@ class UpdatePipeline:
             if write and narrow:
                 targets = params if params is not None else graph_leaves(losses)
                 targets, grads = _weighted_gradient(losses, weights, targets)
-                finite = all_finite(grads)
+                finite = fresh_all_finite(grads)
                 if not finite and scale is None:
                     self._refuse_weighted()
                 self._write(targets, grads, decision, scale)

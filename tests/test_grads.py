@@ -1,0 +1,49 @@
+"""The finiteness checks the pipeline runs on every update before it writes ``.grad``."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from gradsurgery._grads import all_finite, fresh_all_finite
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]),
+    where=st.integers(0, 10_000),
+)
+def test_both_checks_find_any_nonfinite_element_and_keep_every_bit(sizes, dtype, bad, where):
+    tensors = [torch.randn(n, dtype=torch.float64).to(dtype) for n in sizes]
+    if bad is not None:
+        k = where % len(tensors)
+        tensors[k][where % sizes[k]] = bad
+    before = [t.clone() for t in tensors]
+    assert all_finite(tensors) == (bad is None)
+    assert fresh_all_finite(tensors) == (bad is None)
+    for t, b in zip(tensors, before, strict=True):  # the fused kernel multiplied by 1 in place
+        assert torch.equal(bits(t), bits(b))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def test_a_sum_that_overflows_is_not_taken_for_an_inf():
+    big = torch.full((4,), torch.finfo(torch.float32).max)
+    assert all_finite([big, big])
+    assert fresh_all_finite([big, big])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_expanded_gradient_takes_the_per_tensor_check(bad):
+    # A scalar's gradient broadcast by sum(): one memory location for every element.
+    expanded = torch.tensor(bad).expand(5)
+    assert not fresh_all_finite([torch.ones(3), expanded])
+    assert fresh_all_finite([torch.ones(3), torch.tensor(2.0).expand(5)])
