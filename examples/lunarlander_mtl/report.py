@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 from config import BASELINE, STUDY_CONFIGS
 from envs import TASK_NAMES
 from evaluate import SUCCESS_RETURN
+from ranking import FULL_SEEDS, iqm, ranking_table
 
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -45,6 +48,10 @@ REFERENCE_CHANGE = {
     "pcgrad-aware": -1.173,
     "gradnorm-aware": -1.334,
 }
+# The study's goal: a 3-task average of at least 230 with every task at least 200.
+GOAL_AVERAGE = 230.0
+GOAL_TASK = 200.0
+
 REFERENCE_NOTES = {
     "gradnorm-blind": "weights near 1.64 / 1.21 / 0.15",
     "pcgrad-aware": "collapsed on heavy",
@@ -59,6 +66,7 @@ class Run:
     config: dict
     episodes: dict[str, np.ndarray]  # column -> values (numbers; strings for 'task')
     evals: dict[str, np.ndarray]
+    summary: dict = dataclasses.field(default_factory=dict)  # summary.json: the run's timings
 
     @property
     def finished(self) -> bool:
@@ -111,12 +119,14 @@ def load_runs(runs_dir: str | Path) -> dict[str, list[Run]]:
         if not (run_dir / "episodes.csv").exists() or not (run_dir / "eval.csv").exists():
             continue
         config = json.loads(config_path.read_text())
+        summary_path = run_dir / "summary.json"
         run = Run(
             config["config_name"],
             int(config["seed"]),
             config,
             read_csv(run_dir / "episodes.csv"),
             read_csv(run_dir / "eval.csv"),
+            json.loads(summary_path.read_text()) if summary_path.exists() else {},
         )
         runs.setdefault(run.config_name, []).append(run)
     order = [n for n in STUDY_CONFIGS if n in runs] + sorted(set(runs) - set(STUDY_CONFIGS))
@@ -124,14 +134,6 @@ def load_runs(runs_dir: str | Path) -> dict[str, list[Run]]:
 
 
 # --- statistics ---------------------------------------------------------------------------
-
-
-def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Interquartile mean: the mean of the middle 50% (scipy.stats.trim_mean(x, 0.25))."""
-    values = np.sort(values, axis=axis)
-    n = values.shape[axis]
-    cut = int(0.25 * n)
-    return np.take(values, range(cut, n - cut), axis=axis).mean(axis=axis)
 
 
 def bootstrap_ci(per_seed: np.ndarray, statistic=np.mean, seed: int = 0) -> tuple[float, float]:
@@ -245,6 +247,8 @@ def results_markdown(runs: dict[str, list[Run]]) -> str:
             + f" | {last100.mean():.1f} |"
         )
 
+    lines += ranking_section(finished)
+    lines += cost_section(finished)
     lines += per_seed_table(finished)
     lines += reference_comparison(finished, averages)
 
@@ -278,6 +282,55 @@ def results_markdown(runs: dict[str, list[Run]]) -> str:
     if any(rs[0].config.get("method") == "pcgrad" for rs in runs.values()):
         lines += ["![PCGrad conflicts](pcgrad_conflicts.png)", ""]
     return "\n".join(lines)
+
+
+def ranking_section(finished: dict[str, list[Run]]) -> list[str]:
+    """Every configuration ranked, with rliable's aggregates (ranking.py)."""
+    scores = {n: np.stack([r.final_returns() for r in rs]) for n, rs in finished.items()}
+    lines = [
+        "",
+        "## Ranking",
+        "",
+        "All configurations by the mean of their seed x task final returns (the 3-task "
+        "average). 95% intervals from a stratified bootstrap (each task's seeds resampled on "
+        "their own, as rliable does). P(better than X): the probability that a run of the "
+        "configuration beats a run of X on a task, averaged over the tasks (rliable's "
+        f"probability of improvement; 0.5 is no difference). Goal: a 3-task average of at "
+        f"least {GOAL_AVERAGE:.0f} with every task at least {GOAL_TASK:.0f} (means over seeds); "
+        "otherwise the shortfall. Seeds marked * are fewer than "
+        f"{FULL_SEEDS}: provisional.",
+        "",
+    ]
+    return lines + ranking_table(scores, ("shared-blind", BASELINE), GOAL_AVERAGE, GOAL_TASK)
+
+
+def cost_section(finished: dict[str, list[Run]]) -> list[str]:
+    """Time per gradient update and environment steps per second, from summary.json."""
+    lines = [
+        "",
+        "## Cost",
+        "",
+        "From each run's `summary.json` (means over the seeds that have it): the wall time "
+        "of one gradient update (sampling, TD losses, the method's backward and the optimizer "
+        "step), environment steps per second over the whole run (acting, updates and "
+        "evaluations), and the wall time of a run. Runs share their machine with other work, "
+        "so these say which methods cost more, not how fast a quiet machine is.",
+        "",
+        "| configuration | ms per update | env steps/s | run wall time (min) |",
+        "|---|---|---|---|",
+    ]
+    for name, rs in finished.items():
+        cells = []
+        for key, scale in (("ms_per_update", 1.0), ("env_steps_per_s", 1.0), ("wall_time_s", 60)):
+            values = [r.summary[key] / scale for r in rs if key in r.summary]
+            text = "n/a" if not values else f"{np.mean(values):.1f}"
+            if values and len(values) < len(rs):
+                text += f" ({len(values)} of {len(rs)} runs)"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all("ms_per_update" not in r.summary for rs in finished.values() for r in rs):
+        lines += ["", "No run here timed its updates (runs made before `ms_per_update` existed)."]
+    return lines
 
 
 def per_seed_table(finished: dict[str, list[Run]]) -> list[str]:
@@ -380,71 +433,166 @@ def plot_band(ax, x, curves, label, **kwargs):
     ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def plot_learning_curves(runs: dict[str, list[Run]], path: Path) -> None:
-    """Greedy evaluation return per task against training episodes per task."""
-    fig, axes = plt.subplots(
-        1, len(TASK_NAMES) + 1, figsize=(5 * (len(TASK_NAMES) + 1), 4), sharey=True
-    )
+# The learning-curve figures have one row of panels per family of methods, each against the
+# two baselines: with every configuration in one panel no line could be followed.
+BASELINES = ("shared-blind", BASELINE)
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "DQN variants (mean of the losses)": ("mean",),
+    "loss weighting": ("uw", "imtll", "dwa", "rlw", "famo", "gls", "stch", "linearscalarization"),
+    "gradient balancing": ("gradnorm", "imtlg", "alignedmtl", "dbmtl"),
+    "multiple-gradient descent": ("mgda", "cagrad", "nashmtl", "fairgrad"),
+    "conflict removal (surgery, dual cones)": (
+        "pcgrad",
+        "gradvac",
+        "graddrop",
+        "upgrad",
+        "dualproj",
+        "config",
+    ),
+}
+BASELINE_STYLES = {
+    "shared-blind": dict(color="black", linestyle="-"),
+    BASELINE: dict(color="dimgray", linestyle="--"),
+}
+
+
+def family_of(run: Run) -> str:
+    method = run.config.get("method", "mean")
+    return next((f for f, methods in FAMILIES.items() if method in methods), "other methods")
+
+
+def families(runs: dict[str, list[Run]]) -> dict[str, list[str]]:
+    """Family -> its configurations (baselines left out), families without one dropped."""
+    out: dict[str, list[str]] = {}
     for name, rs in runs.items():
-        # The first `eval_episodes` seeds of every evaluation, final included, are the
-        # same episodes: comparing them keeps the curve consistent up to the last point.
-        k = int(rs[0].config["eval_episodes"])
-        per_task = []
-        for t, task in enumerate(TASK_NAMES):
-            curves, xs = [], None
-            for r in rs:
-                e = r.evals
-                if len(e.get("task", [])) == 0:
-                    continue
-                keep = (e["task"] == task) & (e["eval_episode"] < k)
-                x = np.unique(e["episodes_per_task"][keep])
-                curves.append(
-                    np.array([e["return"][keep & (e["episodes_per_task"] == v)].mean() for v in x])
-                )
-                xs = x if xs is None or len(x) < len(xs) else xs
-            if not curves or len(xs) == 0:
+        if name not in BASELINES:
+            out.setdefault(family_of(rs[0]), []).append(name)
+    order = [*FAMILIES, "other methods"]
+    return {f: out[f] for f in order if f in out}
+
+
+def distinct_colours(count: int) -> list:
+    """`count` colours, all different: tab10 (its gray left to the baselines), then more."""
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
+    palette += list(plt.get_cmap("Dark2").colors) + list(plt.get_cmap("Set1").colors)[:5]
+    palette += [plt.get_cmap("tab20b")(i) for i in range(0, 20, 2)]
+    palette += [plt.get_cmap("tab20c")(i) for i in range(0, 16, 2)]
+    if count > len(palette):  # more configurations than named colours: evenly spaced hues
+        palette = [plt.get_cmap("hsv")(i / count) for i in range(count)]
+    return palette[:count]
+
+
+def eval_curves(rs: list[Run]) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Greedy evaluation curves: x (episodes per task) and, per task, `[seeds, points]`."""
+    # The first `eval_episodes` seeds of every evaluation, final included, are the same
+    # episodes: comparing them keeps the curve consistent up to the last point.
+    k = int(rs[0].config["eval_episodes"])
+    per_task, xs = [], None
+    for task in TASK_NAMES:
+        curves = []
+        for r in rs:
+            e = r.evals
+            if len(e.get("task", [])) == 0:
                 continue
-            stacked = stack_prefix(curves)
-            per_task.append(stacked)
-            plot_band(axes[t], xs[: stacked.shape[1]], stacked, name)
-        if len(per_task) == len(TASK_NAMES):
-            length = min(p.shape[1] for p in per_task)
-            average = np.mean([p[:, :length] for p in per_task], axis=0)
-            plot_band(axes[-1], xs[:length], average, name)
-    for ax, title in zip(axes, [*TASK_NAMES, "3-task average"], strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("training episodes per task")
-        ax.axhline(SUCCESS_RETURN, color="gray", linestyle=":", linewidth=1)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("greedy evaluation return")
-    axes[-1].legend(fontsize=8)
+            keep = (e["task"] == task) & (e["eval_episode"] < k)
+            x = np.unique(e["episodes_per_task"][keep])
+            if len(x) == 0:
+                continue
+            curves.append(
+                np.array([e["return"][keep & (e["episodes_per_task"] == v)].mean() for v in x])
+            )
+            xs = x if xs is None or len(x) < len(xs) else xs
+        if not curves:
+            return None
+        per_task.append(stack_prefix(curves))
+    length = min(len(xs), *(c.shape[1] for c in per_task))
+    return xs[:length], [c[:, :length] for c in per_task]
+
+
+def train_curves(rs: list[Run], window: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Training returns (`window`-episode means) per task, `[seeds, episodes]` each."""
+    per_task = []
+    for task in TASK_NAMES:
+        curves = [
+            rolling_mean(r.episodes["return"][r.episodes["task"] == task], window)
+            for r in rs
+            if len(r.episodes.get("return", [])) > 0
+        ]
+        curves = [c for c in curves if len(c)]
+        if not curves:
+            return None
+        per_task.append(stack_prefix(curves))
+    length = min(c.shape[1] for c in per_task)
+    return np.arange(1, length + 1), [c[:, :length] for c in per_task]
+
+
+def plot_family_grid(
+    runs: dict[str, list[Run]],
+    path: Path,
+    curves_of: Callable[[list[Run]], tuple[np.ndarray, list[np.ndarray]] | None],
+    columns: list[str],
+    xlabel: str,
+    ylabel: str,
+) -> None:
+    """One row per family of methods, one column per task (and the 3-task average when
+    `columns` has one more entry): each family's configurations against the baselines, each
+    configuration in its own colour throughout."""
+    groups = families(runs) or {"baselines": []}
+    members = [name for names in groups.values() for name in names]
+    colours = dict(zip(members, distinct_colours(len(members)), strict=True))
+    curves = {name: curves_of(rs) for name, rs in runs.items()}
+    fig, axes = plt.subplots(
+        len(groups),
+        len(columns),
+        figsize=(4.2 * len(columns), 3.4 * len(groups)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    for row, (family, names) in zip(axes, groups.items(), strict=True):
+        shown = [(b, BASELINE_STYLES[b]) for b in BASELINES if b in runs]
+        shown += [(name, dict(color=colours[name])) for name in names]
+        for name, style in shown:
+            if curves[name] is None:
+                continue
+            x, per_task = curves[name]
+            panels = [*per_task, np.mean(per_task, axis=0)][: len(columns)]
+            for ax, panel in zip(row, panels, strict=True):
+                plot_band(ax, x, panel, name, **style)
+        for ax, title in zip(row, columns, strict=True):
+            ax.set_title(f"{family}: {title}", fontsize=9)
+            ax.axhline(SUCCESS_RETURN, color="gray", linestyle=":", linewidth=1)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel(ylabel)
+        row[-1].legend(fontsize=7, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_learning_curves(runs: dict[str, list[Run]], path: Path) -> None:
+    """Greedy evaluation return per task and averaged, against training episodes per task."""
+    plot_family_grid(
+        runs,
+        path,
+        eval_curves,
+        [*TASK_NAMES, "3-task average"],
+        "training episodes per task",
+        "greedy evaluation return",
+    )
 
 
 def plot_training_curves(runs: dict[str, list[Run]], path: Path, window: int = 25) -> None:
-    fig, axes = plt.subplots(1, len(TASK_NAMES), figsize=(5 * len(TASK_NAMES), 4), sharey=True)
-    for name, rs in runs.items():
-        for t, task in enumerate(TASK_NAMES):
-            curves = [
-                rolling_mean(r.episodes["return"][r.episodes["task"] == task], window)
-                for r in rs
-                if len(r.episodes.get("return", [])) > 0
-            ]
-            curves = [c for c in curves if len(c)]
-            if curves:
-                stacked = stack_prefix(curves)
-                plot_band(axes[t], np.arange(1, stacked.shape[1] + 1), stacked, name)
-    for ax, task in zip(axes, TASK_NAMES, strict=True):
-        ax.set_title(f"{task} (training, {window}-episode mean)")
-        ax.set_xlabel("training episode of the task")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("episode return")
-    axes[-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_family_grid(
+        runs,
+        path,
+        lambda rs: train_curves(rs, window),
+        [f"{task} (training, {window}-episode mean)" for task in TASK_NAMES],
+        "training episode of the task",
+        "episode return",
+    )
 
 
 def plot_signals(
