@@ -7,7 +7,7 @@ import math
 
 from torch import Tensor
 
-from ._losses import FloatVector, as_floats, float64, require_positive, same_length
+from ._losses import FloatVector, float64, require_positive, task_vectors
 
 __all__ = ["dbmtl_weights"]
 
@@ -70,14 +70,10 @@ def dbmtl_weights(
     >>> average
     tensor([4.0000, 0.5000], dtype=torch.float64)
     """
-    losses = as_floats(losses, "losses")
-    grad_norms = as_floats(grad_norms, "grad_norms")
-    same_length(losses, grad_norms, "losses and grad_norms")
-    if norm_average is None:
-        norm_average = [0.0] * len(losses)
-    else:
-        norm_average = as_floats(norm_average, "norm_average")
-        same_length(losses, norm_average, "losses and norm_average")
+    losses, grad_norms, norm_average = task_vectors(
+        losses=losses, grad_norms=grad_norms, norm_average=norm_average
+    )
+    norm_average = norm_average or [0.0] * len(losses)
     require_positive(losses, "DB-MTL (log-transformed losses)")
     if min(grad_norms) < 0 or min(norm_average) < 0:
         raise ValueError("grad_norms and norm_average must be non-negative")

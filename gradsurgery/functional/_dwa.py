@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor
 
-from ._losses import FloatVector, as_floats, float64, require_positive, same_length
+from ._losses import FloatVector, float64, require_positive, require_positive_number, task_vectors
 
 __all__ = ["dwa_weights"]
 
@@ -44,20 +44,11 @@ def dwa_weights(last: FloatVector, before_last: FloatVector, temperature: float 
     >>> dwa_weights([1.0, 1.0], [2.0, 1.0])
     tensor([0.8756, 1.1244], dtype=torch.float64)
     """
-    last = as_floats(last, "last")
-    before_last = as_floats(before_last, "before_last")
-    same_length(last, before_last, "last and before_last")
+    last, before_last = task_vectors(last=last, before_last=before_last)
     require_positive(last, "DWA")
     require_positive(before_last, "DWA")
-    check_temperature(temperature)
+    require_positive_number(temperature, "temperature")
     return float64(_dwa_weights(last, before_last, temperature))
-
-
-def check_temperature(temperature: float) -> None:
-    if not (
-        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _dwa_weights(last: list[float], before_last: list[float], temperature: float) -> list[float]:

@@ -7,7 +7,7 @@ import math
 
 from torch import Tensor
 
-from ._losses import FloatVector, as_floats, float64, same_length
+from ._losses import FloatVector, float64, task_vectors
 
 __all__ = ["famo_logit_gradient", "famo_weights"]
 
@@ -81,9 +81,8 @@ def famo_logit_gradient(
     >>> famo_logit_gradient([0.0, 0.0], [1.0, 1.0], [math.exp(-1.0), 1.0])
     tensor([ 0.2500, -0.2500], dtype=torch.float64)
     """
-    previous_losses = as_floats(previous_losses, "previous_losses")
+    previous_losses, _ = task_vectors(previous_losses=previous_losses, losses=losses)
     losses, logits, min_losses = _check(losses, logits, min_losses)
-    same_length(previous_losses, losses, "previous_losses and losses")
     _check_bounds(previous_losses, min_losses)
     return float64(_logit_gradient(_softmax(logits), previous_losses, losses, min_losses))
 
@@ -91,14 +90,8 @@ def famo_logit_gradient(
 def _check(
     losses: FloatVector, logits: FloatVector, min_losses: FloatVector | None
 ) -> tuple[list[float], list[float], list[float]]:
-    losses = as_floats(losses, "losses")
-    logits = as_floats(logits, "logits")
-    same_length(losses, logits, "losses and logits")
-    if min_losses is None:
-        min_losses = [0.0] * len(losses)
-    else:
-        min_losses = as_floats(min_losses, "min_losses")
-        same_length(losses, min_losses, "losses and min_losses")
+    losses, logits, min_losses = task_vectors(losses=losses, logits=logits, min_losses=min_losses)
+    min_losses = min_losses or [0.0] * len(losses)
     _check_bounds(losses, min_losses)
     return losses, logits, min_losses
 

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
-from ._losses import FloatVector, as_floats, float64, require_positive, same_length
+from ._losses import FloatVector, as_floats, exp_weights, float64, require_positive, task_vectors
 
 __all__ = ["imtl_l_scale_gradient", "imtl_l_weights"]
 
@@ -60,21 +58,13 @@ def imtl_l_scale_gradient(losses: FloatVector, log_scales: FloatVector) -> Tenso
     >>> imtl_l_scale_gradient([2.0, 0.5], [-math.log(2.0), 0.0])
     tensor([ 0.0000, -0.5000], dtype=torch.float64)
     """
-    losses = as_floats(losses, "losses")
-    log_scales = as_floats(log_scales, "log_scales")
-    same_length(losses, log_scales, "losses and log_scales")
+    losses, log_scales = task_vectors(losses=losses, log_scales=log_scales)
     require_positive(losses, "IMTL-L", zero=True)
     return float64(_imtl_l_gradient(losses, _imtl_l_weights(log_scales)))
 
 
 def _imtl_l_weights(log_scales: list[float]) -> list[float]:
-    try:
-        return [math.exp(s) for s in log_scales]
-    except OverflowError:
-        raise ValueError(
-            f"the log_scales have diverged (|s| up to {max(map(abs, log_scales)):.6g}): the "
-            "weights overflow; lower the learning rate of the optimizer that steps them"
-        ) from None
+    return exp_weights(log_scales, "log_scales", sign=1.0, scale=1.0)
 
 
 def _imtl_l_gradient(losses: list[float], weights: list[float]) -> list[float]:

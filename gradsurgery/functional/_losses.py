@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,11 +29,36 @@ def as_floats(values: FloatVector, name: str) -> list[float]:
     return values
 
 
-def same_length(first: list[float], second: list[float], names: str) -> None:
-    if len(first) != len(second):
+def task_vectors(**vectors: FloatVector | None) -> list[Any]:
+    """Each vector :func:`as_floats` (``None`` stays ``None``), in order; all of the first's
+    length, one value per task."""
+    names = list(vectors)
+    converted = [None if v is None else as_floats(v, name) for name, v in vectors.items()]
+    for name, values in zip(names[1:], converted[1:], strict=True):
+        if values is not None and len(values) != len(converted[0]):
+            raise ValueError(
+                f"{names[0]} and {name} must have one value per task, got "
+                f"{len(converted[0])} and {len(values)}"
+            )
+    return converted
+
+
+def require_positive_number(value: float, name: str) -> None:
+    """Refuse a hyper-parameter that is not a finite number above zero."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def exp_weights(exponents: list[float], name: str, *, sign: float, scale: float) -> list[float]:
+    """``scale * exp(sign * s_i)``: the weights of a learned log-parameter ``s`` (UW, IMTL-L),
+    refused with the way out when they overflow."""
+    try:
+        return [scale * math.exp(sign * s) for s in exponents]
+    except OverflowError:
         raise ValueError(
-            f"{names} must have one value per task, got {len(first)} and {len(second)}"
-        )
+            f"the {name} have diverged (|s| up to {max(map(abs, exponents)):.6g}): the "
+            "weights overflow; lower the learning rate of the optimizer that steps them"
+        ) from None
 
 
 def require_positive(losses: Sequence[float], method: str, *, zero: bool = False) -> None:

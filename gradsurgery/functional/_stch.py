@@ -6,7 +6,14 @@ import math
 
 from torch import Tensor
 
-from ._losses import FloatVector, as_floats, float64, require_positive, same_length
+from ._losses import (
+    FloatVector,
+    as_floats,
+    float64,
+    require_positive,
+    require_positive_number,
+    task_vectors,
+)
 
 __all__ = ["stch_log_weights", "stch_weights"]
 
@@ -50,7 +57,7 @@ def stch_weights(
     tensor([0.2500, 0.2500], dtype=torch.float64)
     """
     values = as_floats(values, "values")
-    check_mu(mu)
+    require_positive_number(mu, "mu")
     preferences, ideal_point = _preferences(values, preferences, ideal_point)
     return float64(_stch_weights(values, mu, preferences, ideal_point))
 
@@ -84,37 +91,23 @@ def stch_log_weights(losses: FloatVector, normalizer: FloatVector, mu: float = 1
     >>> stch_log_weights([2.0, 2.0], [1.0, 1.0])
     tensor([0.5000, 0.5000], dtype=torch.float64)
     """
-    losses = as_floats(losses, "losses")
-    normalizer = as_floats(normalizer, "normalizer")
-    same_length(losses, normalizer, "losses and normalizer")
+    losses, normalizer = task_vectors(losses=losses, normalizer=normalizer)
     require_positive(losses, "STCH (log-transformed losses)")
     require_positive(normalizer, "STCH's normalizer")
-    check_mu(mu)
+    require_positive_number(mu, "mu")
     return float64(_stch_log_weights(losses, normalizer, mu))
-
-
-def check_mu(mu: float) -> None:
-    if not (isinstance(mu, int | float) and math.isfinite(mu) and mu > 0):
-        raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
 
 
 def _preferences(
     values: list[float], preferences: FloatVector | None, ideal_point: FloatVector | None
 ) -> tuple[list[float], list[float]]:
     num_tasks = len(values)
-    if preferences is None:
-        preferences = [1.0 / num_tasks] * num_tasks
-    else:
-        preferences = as_floats(preferences, "preferences")
-        same_length(values, preferences, "values and preferences")
-        if min(preferences) < 0:
-            raise ValueError("preferences must be non-negative")
-    if ideal_point is None:
-        ideal_point = [0.0] * num_tasks
-    else:
-        ideal_point = as_floats(ideal_point, "ideal_point")
-        same_length(values, ideal_point, "values and ideal_point")
-    return preferences, ideal_point
+    _, preferences, ideal_point = task_vectors(
+        values=values, preferences=preferences, ideal_point=ideal_point
+    )
+    if preferences is not None and min(preferences) < 0:
+        raise ValueError("preferences must be non-negative")
+    return preferences or [1.0 / num_tasks] * num_tasks, ideal_point or [0.0] * num_tasks
 
 
 def _softmax(scaled: list[float]) -> list[float]:

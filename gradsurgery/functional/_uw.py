@@ -3,11 +3,9 @@ gradient of ``sum_i 1/2 exp(-s_i) L_i + 1/2 s_i``."""
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
-from ._losses import FloatVector, as_floats, float64, require_positive, same_length
+from ._losses import FloatVector, as_floats, exp_weights, float64, require_positive, task_vectors
 
 __all__ = ["uw_log_variance_gradient", "uw_weights"]
 
@@ -62,21 +60,13 @@ def uw_log_variance_gradient(losses: FloatVector, log_variances: FloatVector) ->
     >>> uw_log_variance_gradient([1.0, 4.0], [0.0, math.log(4.0)])
     tensor([0., 0.], dtype=torch.float64)
     """
-    losses = as_floats(losses, "losses")
-    log_variances = as_floats(log_variances, "log_variances")
-    same_length(losses, log_variances, "losses and log_variances")
+    losses, log_variances = task_vectors(losses=losses, log_variances=log_variances)
     require_positive(losses, "uncertainty weighting", zero=True)
     return float64(_uw_gradient(losses, _uw_weights(log_variances)))
 
 
 def _uw_weights(log_variances: list[float]) -> list[float]:
-    try:
-        return [0.5 * math.exp(-s) for s in log_variances]
-    except OverflowError:
-        raise ValueError(
-            f"the log_variances have diverged (|s| up to {max(map(abs, log_variances)):.6g}): the "
-            "weights overflow; lower the learning rate of the optimizer that steps them"
-        ) from None
+    return exp_weights(log_variances, "log_variances", sign=-1.0, scale=0.5)
 
 
 def _uw_gradient(losses: list[float], weights: list[float]) -> list[float]:

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._dwa import _dwa_weights, check_temperature
-from ..functional._losses import as_floats, require_positive
+from ..functional._dwa import _dwa_weights
+from ..functional._losses import as_floats, require_positive, require_positive_number
 
 __all__ = ["DWA"]
 
@@ -50,7 +50,7 @@ class DWA(Method):
     needs = Needs.LOSSES
 
     def __init__(self, temperature: float = 2.0, *, window: str = "epoch") -> None:
-        check_temperature(temperature)
+        require_positive_number(temperature, "temperature")
         if window not in _WINDOWS:
             raise ValueError(f"window must be one of {_WINDOWS}, got {window!r}")
         self.temperature = float(temperature)

@@ -8,12 +8,11 @@ from typing import Any
 from torch import Tensor
 
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._losses import as_floats, require_positive
+from ..functional._losses import as_floats, require_positive, require_positive_number
 from ..functional._stch import (
     _preferences,
     _stch_log_weights,
     _stch_weights,
-    check_mu,
     log_loss_weights,
 )
 
@@ -67,7 +66,7 @@ class STCH(Method):
         preferences: Sequence[float] | Tensor | None = None,
         ideal_point: Sequence[float] | Tensor | None = None,
     ) -> None:
-        check_mu(mu)
+        require_positive_number(mu, "mu")
         if log_transform:
             if preferences is not None or ideal_point is not None:
                 raise ValueError(
