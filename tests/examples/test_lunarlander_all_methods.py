@@ -155,3 +155,41 @@ def test_a_short_run_writes_weights_and_update_times(name, tmp_path):
     header = episodes[0].split(",")
     last = dict(zip(header, episodes[-1].split(","), strict=True))
     assert float(last["weight_standard"]) > 0
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing in train() can catch it."""
+
+
+@pytest.mark.parametrize("name", ["uw-blind", "dwa-blind", "famo-blind", "rlw-blind"])
+def test_a_killed_run_resumes_bit_for_bit(name, tmp_path, monkeypatch):
+    """Methods with state of their own (learned log-variances in the optimizer, DWA's epoch
+    windows, FAMO's logits and their Adam, RLW's generator) continue as if never stopped."""
+
+    def quick(folder):
+        overrides = {**QUICK_OVERRIDES, "episodes_per_task": 5}
+        return make_config(
+            name, runs_dir=str(tmp_path / folder), progress=False, tensorboard=False, **overrides
+        )
+
+    def outputs(cfg):
+        return {f: (cfg.run_dir / f).read_text() for f in ("episodes.csv", "eval.csv")}
+
+    expected = quick("once")
+    train.train(expected)
+    cfg = quick("killed")
+    calls = {"n": 0}
+    save = train.save_atomic
+
+    def save_then_die(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 8:  # after episode 8, mid-way through the third round
+            raise Killed
+        save(obj, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "save_atomic", save_then_die)
+        with pytest.raises(Killed):
+            train.train(cfg)
+    train.train(cfg, resume=True)
+    assert outputs(cfg) == outputs(expected)
