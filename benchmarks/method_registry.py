@@ -95,8 +95,8 @@ class _WrapperStep(TrainingStep):
         self._backward = backward
         self.method = method
 
-    def backward(self, losses: Sequence[Tensor]) -> object:
-        return self._backward(list(losses))
+    def backward(self, losses: Sequence[Tensor], **options: Any) -> object:
+        return self._backward(list(losses), **options)
 
 
 @dataclass(frozen=True)

@@ -83,11 +83,15 @@ def test_tiny_benchmark_run_and_its_summary(tmp_path: Path) -> None:
     command = [
         sys.executable, "benchmarks/multimnist/run.py", "--seeds", "0", "--methods", "Mean",
         "--fixed-grid", "0.5", "--epochs", "1", "--train-size", "512", "--out", str(tmp_path),
+        "--representation", "PCGrad",
     ]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
 
     runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "per_run").glob("*.json")}
-    assert set(runs) == {"SingleTask1_seed0", "SingleTask2_seed0", "Fixed0.5_seed0", "Mean_seed0"}
+    assert set(runs) == {
+        "SingleTask1_seed0", "SingleTask2_seed0", "Fixed0.5_seed0", "Mean_seed0", "PCGrad-rep_seed0"
+    }  # fmt: skip
+    assert runs["PCGrad-rep_seed0"]["representation"] and not runs["Mean_seed0"]["representation"]
     for run in runs.values():
         assert run["steps"] == 2 and run["train_size"] == 512
         assert all(0 <= a <= 1 for a in run["test_accuracy"] + run["validation_accuracy"])
@@ -101,4 +105,5 @@ def test_tiny_benchmark_run_and_its_summary(tmp_path: Path) -> None:
     assert float(table["Mean"]["delta_m_percent"]) == pytest.approx(expected)
     assert float(table["Mean"]["step_ratio_to_mean"]) == 1.0
     assert "| Mean | 1 |" in (tmp_path / "multimnist.md").read_text()
+    assert table["PCGrad-rep"]["seeds"] == "1"
     assert (tmp_path / "multimnist_accuracy_vs_time.png").stat().st_size > 5_000

@@ -54,4 +54,11 @@ def task_losses(
     model: MultiLeNet, images: torch.Tensor, labels: torch.Tensor
 ) -> list[torch.Tensor]:
     """One cross-entropy per task (mean over the batch)."""
-    return [F.cross_entropy(logits, labels[:, k]) for k, logits in enumerate(model(images))]
+    return head_losses(model, model.encoder(images), labels)
+
+
+def head_losses(
+    model: MultiLeNet, features: torch.Tensor, labels: torch.Tensor
+) -> list[torch.Tensor]:
+    """The tasks' cross-entropies from the encoder's output ``features``."""
+    return [F.cross_entropy(head(features), labels[:, k]) for k, head in enumerate(model.heads)]

@@ -3,6 +3,7 @@
     python benchmarks/multimnist/run.py                      # everything: 5 seeds, every method
     python benchmarks/multimnist/run.py --seeds 0 --methods Mean PCGrad   # a part of it
     python benchmarks/multimnist/run.py --summary-only       # tables and figure from the runs
+    python benchmarks/multimnist/run.py --representation MGDA PCGrad   # also in representation mode
 
 Each (method, seed) is one process (``train.py``) whose JSON line is kept in
 ``<out>/per_run/<method>_seed<k>.json``; a run whose file exists is not run again, so an
@@ -46,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument(
+        "--representation",
+        nargs="+",
+        default=[],
+        metavar="METHOD",
+        help="methods to run again in representation mode (rows '<method>-rep')",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +63,7 @@ def _label(method: str, extra: list[str]) -> str:
     if method == "Fixed":
         w = extra[extra.index("--weights") + 1]
         return f"Fixed{float(w):g}"
-    return method
+    return method + ("-rep" if "--representation" in extra else "")
 
 
 def run_one(args: argparse.Namespace, method: str, seed: int, extra: list[str]) -> dict | None:
@@ -102,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
             w = best["options"]["weights"][0]
             jobs += [("Fixed", s, ["--weights", str(w), str(1 - w)]) for s in args.seeds]
         jobs += [(method, s, []) for s in args.seeds for method in methods]
+        represented = (
+            list(method_registry.select(args.representation)) if args.representation else []
+        )
+        jobs += [(method, s, ["--representation"]) for s in args.seeds for method in represented]
         run_all(args, jobs)
     summary.write(args.out)
 
