@@ -118,7 +118,9 @@ def nnls_gram(
     target : numpy.ndarray
         ``[n]`` vector ``c``.
     max_iter : int, optional
-        Bound on the number of columns entering the passive set; ``3 n`` by default.
+        Bound on the number of columns entering the passive set; ``3 n`` by default. Given
+        explicitly, Lawson and Hanson's method runs alone (up to ``_PYTHON_MAX_SIZE``
+        variables it otherwise starts with the exchange method of :func:`_nnls_gram_small`).
     initial : numpy.ndarray, optional
         ``[n]`` bool: a guess of the positive coordinates to start from instead of ``z = 0``
         (run on NumPy). The guess shrinks until its subproblem's solution is positive, a valid
@@ -135,13 +137,11 @@ def nnls_gram(
         When the optimality conditions are not met within ``max_iter`` entries.
     """
     n = target.shape[0]
+    if n <= _PYTHON_MAX_SIZE and initial is None and max_iter is None:
+        return np.array(_nnls_gram_small(matrix.tolist(), target.tolist()))
     max_iter = 3 * n if max_iter is None else max_iter
     magnitude = max(1.0, float(np.abs(matrix).max()), float(np.abs(target).max()))
     tolerance = 10.0 * n * _EPS * magnitude
-    if n <= _PYTHON_MAX_SIZE and initial is None:
-        solution = _nnls_gram_python(matrix.tolist(), target.tolist(), tolerance, max_iter)
-        if solution is not None:
-            return np.array(solution)
     z = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
     if initial is not None:  # drop the guess's non-positive coordinates until none is left
@@ -186,87 +186,207 @@ def nnls_gram(
 
 
 # Up to this many variables the NNLS runs on Python floats: for a 3 x 3 problem a NumPy call
-# costs more than the arithmetic it does. The same algorithm, the same tolerances.
+# costs more than the arithmetic it does.
 _PYTHON_MAX_SIZE = 6
+# Exchange rounds before the exchange method gives way to Lawson-Hanson. Murty's single-index
+# rule ends in finitely many rounds in exact arithmetic; rounding could make it cycle.
+_EXCHANGE_ROUNDS = 10
 
 
-def _nnls_gram_python(
-    matrix: list[list[float]], target: list[float], tolerance: float, max_iter: int
+def _tolerances(n: int, magnitude: float) -> tuple[float, float]:
+    """The optimality tolerance of the NNLS solvers (absolute, for a unit-scale problem) and the
+    pivot at or below which a passive block counts as singular."""
+    magnitude = max(1.0, magnitude)
+    return 10.0 * n * _EPS * magnitude, 1e3 * n * _EPS * magnitude
+
+
+def _nnls_gram_small(matrix: list[list[float]], target: list[float]) -> list[float]:
+    """:func:`nnls_gram` of a small problem on Python floats: the exchange method first, then
+    Lawson-Hanson in NumPy when a passive block is singular (dependent columns)."""
+    magnitude = max(max(map(abs, row)) for row in matrix)
+    magnitude = max(magnitude, max(map(abs, target)))
+    tolerance, singular = _tolerances(len(target), magnitude)
+    solution = _nnls_gram_exchange(matrix, target, tolerance, singular)
+    if solution is None:
+        return nnls_gram(np.array(matrix), np.array(target), max_iter=3 * len(target)).tolist()
+    return solution
+
+
+def _nnls_gram_exchange(
+    matrix: list[list[float]], target: list[float], tolerance: float, singular: float
 ) -> list[float] | None:
-    """:func:`nnls_gram` on Python floats; ``None`` when a passive block is numerically
-    singular (the NumPy version then solves it by least squares)."""
+    """Gram-form NNLS by block principal pivoting (Júdice and Pires 1994; Kim and Park 2011,
+    *Fast nonnegative matrix factorization: an active-set-like method and comparisons*).
+
+    Where Lawson-Hanson adds one column per solve, this exchanges every coordinate that breaks
+    the optimality conditions at once: the passive coordinates below zero leave, the active ones
+    whose gradient points inward enter. Kim and Park's safeguard keeps it finite: after three
+    rounds without fewer violations, only the last violating coordinate is exchanged (Murty's
+    rule). At ``T = 3`` one or two solves instead of three. ``None`` when a passive block is
+    singular (to ``singular``) or the rounds run out; the caller then runs Lawson-Hanson.
+    """
     n = len(target)
-    z = [0.0] * n
-    passive: list[int] = []  # kept sorted
-    gradient = list(target)
-    for _ in range(max_iter):
-        entering, best = -1, tolerance
-        for j in range(n):
-            if gradient[j] > best and j not in passive:
-                entering, best = j, gradient[j]
-        if entering < 0:
-            return z
-        passive = sorted([*passive, entering])
-        for _ in range(n + 1):
-            sub = _solve_small(
-                [[matrix[i][j] for j in passive] for i in passive], [target[i] for i in passive]
-            )
+    passive = [value > tolerance for value in target]  # from z = 0 every c_i > 0 enters
+    budget, fewest = 3, n + 1
+    for _ in range(_EXCHANGE_ROUNDS + n):
+        indices = [i for i in range(n) if passive[i]]
+        z = [0.0] * n
+        if indices:
+            sub = _cholesky_solve(matrix, indices, target, singular)
             if sub is None:
                 return None
-            trial = [0.0] * n
-            for i, value in zip(passive, sub, strict=True):
-                trial[i] = value
-            if all(value > 0 for value in sub):
-                z = trial
-                break
-            if trial[entering] <= 0 and z[entering] == 0:
-                passive.remove(entering)
-                return z
-            step = min(z[i] / (z[i] - trial[i]) for i in passive if trial[i] <= 0)
-            z = [zi + step * (ti - zi) for zi, ti in zip(z, trial, strict=True)]
-            passive = [i for i in passive if z[i] > tolerance]
-            z = [zi if i in passive else 0.0 for i, zi in enumerate(z)]
-        else:  # pragma: no cover - as in nnls_gram
-            return None
-        gradient = [target[i] - sum(row[j] * z[j] for j in passive) for i, row in enumerate(matrix)]
+            for i, value in zip(indices, sub, strict=True):
+                z[i] = value
+        violations = []
+        for i in range(n):
+            if passive[i]:
+                if z[i] < -tolerance:
+                    violations.append(i)
+            else:
+                row = matrix[i]
+                if sum([row[j] * z[j] for j in indices]) - target[i] < -tolerance:
+                    violations.append(i)
+        if not violations:
+            return [value if value > 0.0 else 0.0 for value in z]
+        if len(violations) < fewest:
+            fewest, budget = len(violations), 3
+        elif budget > 0:
+            budget -= 1
+        else:
+            violations = violations[-1:]
+        for i in violations:
+            passive[i] = not passive[i]
     return None
 
 
-def _solve_small(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; ``None`` on a pivot at rounding level."""
-    size = len(rhs)
-    rows = [[*row, value] for row, value in zip(matrix, rhs, strict=True)]
-    scale = max(abs(value) for row in matrix for value in row) or 1.0
-    for k in range(size):
-        pivot = max(range(k, size), key=lambda i: abs(rows[i][k]))
-        if abs(rows[pivot][k]) <= 1e3 * size * _EPS * scale:
+def _cholesky_solve(
+    matrix: list[list[float]], indices: list[int], rhs: list[float], singular: float
+) -> list[float] | None:
+    """``M_PP^-1 b_P`` for the PSD block of ``matrix`` on ``indices`` (an LDL^T factorization);
+    ``None`` when a pivot is at or below ``singular``."""
+    size = len(indices)
+    if size == 1:
+        i = indices[0]
+        pivot = matrix[i][i]
+        return None if pivot <= singular else [rhs[i] / pivot]
+    if size == 2:
+        i, j = indices
+        a, b, d = matrix[i][i], matrix[i][j], matrix[j][j]
+        if a <= singular:
             return None
-        rows[k], rows[pivot] = rows[pivot], rows[k]
-        head = rows[k]
-        for i in range(k + 1, size):
-            factor = rows[i][k] / head[k]
-            if factor:
-                row = rows[i]
-                for j in range(k, size + 1):
-                    row[j] -= factor * head[j]
+        schur = d - b * b / a
+        if schur <= singular:
+            return None
+        determinant = a * schur
+        return [(d * rhs[i] - b * rhs[j]) / determinant, (a * rhs[j] - b * rhs[i]) / determinant]
+    lower = [[0.0] * size for _ in range(size)]
+    pivots = [0.0] * size
+    for a in range(size):
+        row, lower_a = matrix[indices[a]], lower[a]
+        for b in range(a):
+            lower_b = lower[b]
+            value = row[indices[b]]
+            for k in range(b):
+                value -= lower_a[k] * lower_b[k] * pivots[k]
+            lower_a[b] = value / pivots[b]
+        pivot = row[indices[a]]
+        for k in range(a):
+            pivot -= lower_a[k] * lower_a[k] * pivots[k]
+        if pivot <= singular:
+            return None
+        pivots[a] = pivot
+    forward = [0.0] * size
+    for a in range(size):
+        value, lower_a = rhs[indices[a]], lower[a]
+        for k in range(a):
+            value -= lower_a[k] * forward[k]
+        forward[a] = value
     solution = [0.0] * size
-    for k in range(size - 1, -1, -1):
-        row = rows[k]
-        solution[k] = (row[size] - sum(row[j] * solution[j] for j in range(k + 1, size))) / row[k]
+    for a in range(size - 1, -1, -1):
+        value = forward[a] / pivots[a]
+        for k in range(a + 1, size):
+            value -= lower[k][a] * solution[k]
+        solution[a] = value
     return solution
 
 
 def nnls_gram_rows(matrix: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """:func:`nnls_gram` for every row of ``targets`` (``[K, n]``) with the same ``M``.
 
-    The rows run Lawson and Hanson's method in lockstep: each round adds one column to every
-    unfinished row's passive set and solves all the rows' subproblems in one batched
-    ``numpy.linalg.solve`` (a row's passive block, padded with the identity). The same steps
-    as row by row, in about ``n`` NumPy calls instead of ``K n``.
+    The rows run the exchange method of :func:`_nnls_gram_exchange` in lockstep, every round
+    one batched Cholesky solve of all the rows' passive blocks: a few rounds where
+    Lawson-Hanson takes one per column of the largest support. When a block is singular or
+    the rounds run out, Lawson and Hanson's method, also in lockstep.
     """
+    magnitude = max(float(np.abs(matrix).max()), float(np.abs(targets).max()))
+    tolerance, singular = _tolerances(targets.shape[1], magnitude)
+    solution = _nnls_gram_rows_exchange(matrix, targets, tolerance, singular)
+    if solution is not None:
+        return solution
+    return _nnls_gram_rows_lawson_hanson(matrix, targets, tolerance)
+
+
+def _nnls_gram_rows_exchange(
+    matrix: np.ndarray, targets: np.ndarray, tolerance: float, singular: float
+) -> np.ndarray | None:
+    """:func:`_nnls_gram_exchange` for every row of ``targets``, the rounds in lockstep."""
     rows, n = targets.shape
-    magnitude = max(1.0, float(np.abs(matrix).max()), float(np.abs(targets).max()))
-    tolerance = 10.0 * n * _EPS * magnitude
+    z = np.zeros((rows, n))
+    passive = targets > tolerance
+    budget = np.full(rows, 3)
+    fewest = np.full(rows, n + 1)
+    unfinished = np.arange(rows)
+    for _ in range(_EXCHANGE_ROUNDS + n):
+        mask, rhs = passive[unfinished], targets[unfinished]
+        trial = _cholesky_solve_rows(matrix, rhs, mask, singular)
+        if trial is None:
+            return None
+        gradient = trial @ matrix - rhs
+        violations = np.where(mask, trial < -tolerance, gradient < -tolerance)
+        counts = violations.sum(axis=1)
+        done = counts == 0
+        z[unfinished[done]] = np.maximum(trial[done], 0.0)
+        unfinished, violations, counts = unfinished[~done], violations[~done], counts[~done]
+        if unfinished.size == 0:
+            return z
+        fewer = counts < fewest[unfinished]
+        fewest[unfinished[fewer]] = counts[fewer]
+        budget[unfinished[fewer]] = 3
+        retry = ~fewer & (budget[unfinished] > 0)
+        budget[unfinished[retry]] -= 1
+        single = np.flatnonzero(~fewer & ~retry)
+        if single.size:  # Murty's rule: only the last violating coordinate
+            last = n - 1 - np.argmax(violations[single, ::-1], axis=1)
+            violations[single] = False
+            violations[single, last] = True
+        passive[unfinished] ^= violations
+    return None
+
+
+def _cholesky_solve_rows(
+    matrix: np.ndarray, targets: np.ndarray, passive: np.ndarray, singular: float
+) -> np.ndarray | None:
+    """Each row's ``M_PP x_P = c_P`` (``x = 0`` off ``P``) by one batched Cholesky
+    factorization (a row's block padded with the identity); ``None`` when a pivot is at or
+    below ``singular``. Through torch, which honours ``torch.set_num_threads``."""
+    outer = passive[:, :, None] & passive[:, None, :]
+    blocks = np.where(outer, matrix[None], 0.0)
+    diagonal = np.arange(matrix.shape[0])
+    blocks[:, diagonal, diagonal] += ~passive
+    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(blocks))
+    if bool(info.any()) or float(factor.diagonal(dim1=-2, dim2=-1).min()) ** 2 <= singular:
+        return None
+    rhs = torch.from_numpy(np.where(passive, targets, 0.0)[:, :, None])
+    return torch.cholesky_solve(rhs, factor)[:, :, 0].numpy()
+
+
+def _nnls_gram_rows_lawson_hanson(
+    matrix: np.ndarray, targets: np.ndarray, tolerance: float
+) -> np.ndarray:
+    """Lawson and Hanson's method for every row in lockstep: each round adds one column to
+    every unfinished row's passive set and solves all the rows' subproblems in one batched
+    ``numpy.linalg.solve``."""
+    rows, n = targets.shape
     z = np.zeros((rows, n))
     passive = np.zeros((rows, n), dtype=bool)
     running = np.ones(rows, dtype=bool)

@@ -113,3 +113,73 @@ def test_rows_in_lockstep_match_one_by_one(problem, num_rows, seed):
 
         assert (z >= 0).all()
         assert abs(objective(z) - objective(alone)) <= 1e-12 * max(1.0, abs(objective(alone)))
+
+
+def assert_same_minimum(M, c, z, expected):
+    def objective(x):
+        return float(x @ M @ x - 2 * c @ x)
+
+    assert (z >= 0).all()
+    assert abs(objective(z) - objective(expected)) <= 1e-12 * max(1.0, abs(objective(expected)))
+
+
+@given(least_squares().filter(lambda p: p[0].shape[1] <= L._PYTHON_MAX_SIZE))
+def test_exchange_method_reaches_lawson_hansons_minimum(problem):
+    """The small problems' exchange method, when it finishes, against Lawson-Hanson alone."""
+    A, b = problem
+    M, c = gram_form(A, b)
+    tolerance, singular = L._tolerances(len(c), max(np.abs(M).max(), np.abs(c).max()))
+    exchange = L._nnls_gram_exchange(M.tolist(), c.tolist(), tolerance, singular)
+    reference = L.nnls_gram(M, c, max_iter=3 * len(c))
+    if exchange is not None:
+        assert_same_minimum(M, c, np.array(exchange), reference)
+    assert_same_minimum(M, c, L.nnls_gram(M, c), reference)  # or Lawson-Hanson after it
+
+
+@given(least_squares(), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_rows_exchange_matches_lawson_hanson_in_lockstep(problem, num_rows, seed):
+    A, _ = problem
+    scale = max(float((A * A).sum(axis=0).max()), 1e-300)
+    M = A.T @ A / scale
+    C = np.random.default_rng(seed).standard_normal((num_rows, A.shape[0])) @ A / scale
+    tolerance, singular = L._tolerances(M.shape[0], max(np.abs(M).max(), np.abs(C).max()))
+    exchange = L._nnls_gram_rows_exchange(M, C, tolerance, singular)
+    reference = L._nnls_gram_rows_lawson_hanson(M, C, tolerance)
+    for z, expected, c in zip(
+        L.nnls_gram_rows(M, C) if exchange is None else exchange, reference, C, strict=True
+    ):
+        assert_same_minimum(M, c, z, expected)
+
+
+def test_exchange_gives_way_to_lawson_hanson_on_a_singular_block():
+    """Two equal columns both enter at once: their block is singular, so the exchange method
+    declines and Lawson-Hanson (which keeps the passive columns independent) answers."""
+    A = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    b = np.array([1.0, -1.0])
+    M, c = gram_form(A, b)
+    tolerance, singular = L._tolerances(3, 1.0)
+    assert L._nnls_gram_exchange(M.tolist(), c.tolist(), tolerance, singular) is None
+    assert L._nnls_gram_rows_exchange(M, c[None], tolerance, singular) is None
+    z = L.nnls_gram(M, c)
+    np.testing.assert_allclose(A @ z, [1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(A @ L.nnls_gram_rows(M, np.stack([c, c]))[1], [1.0, 0.0], atol=1e-12)
+
+
+def test_exchange_needs_fewer_solves_than_one_column_at_a_time():
+    """Every conflicting coordinate enters in the first round: one solve for a full support."""
+    M = np.array([[1.0, 0.2, 0.1], [0.2, 1.0, 0.3], [0.1, 0.3, 1.0]])
+    c = np.array([1.0, 1.0, 1.0])
+    solves = []
+    original = L._cholesky_solve
+
+    def counting(*args):
+        solves.append(args[1])
+        return original(*args)
+
+    L._cholesky_solve = counting
+    try:
+        z = L.nnls_gram(M, c)
+    finally:
+        L._cholesky_solve = original
+    np.testing.assert_allclose(z, np.linalg.solve(M, c), rtol=1e-14)
+    assert solves == [[0, 1, 2]]
