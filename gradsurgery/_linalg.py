@@ -77,7 +77,10 @@ def eigh(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Through ``torch.linalg.eigh``, which honours ``torch.set_num_threads``: NumPy's LAPACK
     runs on its own BLAS threads and took 20 times longer at ``T = 50`` on a loaded machine.
+    Up to ``_PYTHON_MAX_SIZE`` through NumPy, whose call costs half of torch's there.
     """
+    if gramian.shape[0] <= _PYTHON_MAX_SIZE:  # LAPACK runs no thread at this size
+        return np.linalg.eigh(gramian)
     values, vectors = torch.linalg.eigh(torch.from_numpy(gramian))
     return values.numpy(), vectors.numpy()
 
@@ -279,6 +282,18 @@ def _cholesky_solve(
             return None
         determinant = a * schur
         return [(d * rhs[i] - b * rhs[j]) / determinant, (a * rhs[j] - b * rhs[i]) / determinant]
+    factors = ldl_factor(matrix, indices, singular)
+    if factors is None:
+        return None
+    return ldl_solve(*factors, [rhs[i] for i in indices])
+
+
+def ldl_factor(
+    matrix: list[list[float]], indices: list[int], singular: float
+) -> tuple[list[list[float]], list[float]] | None:
+    """``L`` (unit lower triangular) and the pivots ``D`` of ``M_PP = L D L^T``, for the PSD
+    block of ``matrix`` on ``indices``; ``None`` when a pivot is at or below ``singular``."""
+    size = len(indices)
     lower = [[0.0] * size for _ in range(size)]
     pivots = [0.0] * size
     for a in range(size):
@@ -295,9 +310,15 @@ def _cholesky_solve(
         if pivot <= singular:
             return None
         pivots[a] = pivot
+    return lower, pivots
+
+
+def ldl_solve(lower: list[list[float]], pivots: list[float], rhs: list[float]) -> list[float]:
+    """``x`` with ``L D L^T x = rhs``, from :func:`ldl_factor`."""
+    size = len(pivots)
     forward = [0.0] * size
     for a in range(size):
-        value, lower_a = rhs[indices[a]], lower[a]
+        value, lower_a = rhs[a], lower[a]
         for k in range(a):
             value -= lower_a[k] * forward[k]
         forward[a] = value
@@ -488,6 +509,8 @@ def min_norm_simplex(gramian: np.ndarray) -> np.ndarray:
     array([0.8, 0.2])
     """
     num_tasks = gramian.shape[0]
+    if num_tasks <= _PYTHON_MAX_SIZE:
+        return np.array(min_norm_simplex_small(gramian.tolist()))
     scale = scale_of(gramian)
     if scale == 0.0:
         return np.full(num_tasks, 1.0 / num_tasks)
@@ -495,12 +518,25 @@ def min_norm_simplex(gramian: np.ndarray) -> np.ndarray:
     matrix = gramian / scale + 1.0
     # Starting from every task and dropping the ones with no weight takes a few solves where
     # adding tasks one by one takes one per task in the support (7 ms -> 0.3 ms at T = 50).
-    initial = np.ones(num_tasks, dtype=bool) if num_tasks > _PYTHON_MAX_SIZE else None
-    z = nnls_gram(matrix, np.ones(num_tasks), initial=initial)
+    z = nnls_gram(matrix, np.ones(num_tasks), initial=np.ones(num_tasks, dtype=bool))
     total = z.sum()
     if not total > 0:  # pragma: no cover - z = 0 is never optimal since c = 1 > 0
         raise SolverError("the minimum-norm solver returned zero weights")
     return z / total
+
+
+def min_norm_simplex_small(gramian: list[list[float]]) -> list[float]:
+    """:func:`min_norm_simplex` on Python floats, for at most ``_PYTHON_MAX_SIZE`` tasks."""
+    num_tasks = len(gramian)
+    scale = max([gramian[i][i] for i in range(num_tasks)])
+    if scale == 0.0:
+        return [1.0 / num_tasks] * num_tasks
+    matrix = [[value / scale + 1.0 for value in row] for row in gramian]
+    z = _nnls_gram_small(matrix, [1.0] * num_tasks)
+    total = sum(z)
+    if not total > 0:  # pragma: no cover - as in min_norm_simplex
+        raise SolverError("the minimum-norm solver returned zero weights")
+    return [value / total for value in z]
 
 
 def project_dual_cone(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -530,6 +566,9 @@ def project_dual_cone(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
     >>> project_dual_cone(np.array([[1.0, -1.0], [-1.0, 4.0]]), np.array([1.0, 0.0]))
     array([1.  , 0.25])
     """
+    if gramian.shape[0] <= _PYTHON_MAX_SIZE:
+        projected = project_dual_cone_small(gramian.tolist(), np.atleast_2d(weights).tolist())
+        return np.array(projected).reshape(weights.shape)
     scale = scale_of(gramian)
     rows = np.atleast_2d(weights).astype(np.float64)
     if scale == 0.0:
@@ -544,6 +583,23 @@ def project_dual_cone(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
             pass
     projected = np.array([u + nnls_gram(matrix, -(matrix @ u)) for u in rows])
     return projected.reshape(weights.shape)
+
+
+def project_dual_cone_small(
+    gramian: list[list[float]], weights: list[list[float]]
+) -> list[list[float]]:
+    """:func:`project_dual_cone` on Python floats, for at most ``_PYTHON_MAX_SIZE`` tasks: the
+    projection of each row of ``weights``."""
+    scale = max([gramian[i][i] for i in range(len(gramian))])
+    if scale == 0.0:
+        return [list(u) for u in weights]
+    matrix = [[value / scale for value in row] for row in gramian]
+    projected = []
+    for u in weights:
+        target = [-sum([a * b for a, b in zip(row, u, strict=True)]) for row in matrix]
+        z = _nnls_gram_small(matrix, target)
+        projected.append([a + b for a, b in zip(u, z, strict=True)])
+    return projected
 
 
 def as_task_vector(values: object, num_tasks: int, name: str) -> np.ndarray:

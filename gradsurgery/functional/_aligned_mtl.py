@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -65,11 +67,19 @@ def aligned_mtl_weights(
     if scale_mode not in ALIGNED_MTL_SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {ALIGNED_MTL_SCALE_MODES}, got {scale_mode!r}")
     rtol = _AUTHORS_RTOL if rtol is None else check_number(rtol, "rtol")
+    return torch.from_numpy(solve_aligned_mtl(G, preferences, scale_mode, rtol))
+
+
+def solve_aligned_mtl(
+    G: np.ndarray, preferences: np.ndarray, scale_mode: str, rtol: float
+) -> np.ndarray:
+    """:func:`aligned_mtl_weights` of a checked Gramian and hyper-parameters."""
+    num_tasks = G.shape[0]
     eigenvalues, eigenvectors = eigh(G)
     largest = float(eigenvalues.max())
     kept = eigenvalues > largest * num_tasks * rtol
     if largest <= 0 or not kept.any():  # every gradient is zero: nothing to align
-        return torch.from_numpy(preferences.copy())
+        return preferences.copy()
     eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
     if scale_mode == "min":
         scale = eigenvalues.min()
@@ -77,8 +87,10 @@ def aligned_mtl_weights(
         scale = _lower_median(eigenvalues)
     else:
         scale = eigenvalues.mean()
-    balance = np.sqrt(scale) * (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    return torch.from_numpy(balance @ preferences)
+    # B p = sqrt(s) V (diag(lambda)^(-1/2) (V^T p)): two matrix-vector products, no B.
+    return math.sqrt(scale) * (
+        eigenvectors @ ((eigenvectors.T @ preferences) / np.sqrt(eigenvalues))
+    )
 
 
 def _lower_median(values: np.ndarray) -> float:

@@ -68,6 +68,11 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
     c = check_number(c, "c")
     if rescale not in CAGRAD_RESCALES:
         raise ValueError(f"rescale must be one of {CAGRAD_RESCALES}, got {rescale!r}")
+    return torch.from_numpy(solve_cagrad(G, c, rescale))
+
+
+def solve_cagrad(G: np.ndarray, c: float, rescale: int) -> np.ndarray:
+    """:func:`cagrad_weights` of a checked Gramian and hyper-parameters."""
     num_tasks = G.shape[0]
     mean = np.full(num_tasks, 1.0 / num_tasks)
     scale = scale_of(G)
@@ -76,7 +81,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
         G = G / scale  # the weights do not change when G is scaled
         weights = mean + _ball_step(G, mean, c)
     divisor = (1.0, 1.0 + c * c, 1.0 + c)[rescale]
-    return torch.from_numpy(weights / divisor)
+    return weights / divisor
 
 
 def _ball_step(G: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._linalg import (
+    _PYTHON_MAX_SIZE,
     as_gramian,
     check_number,
     normalize_and_regularize,
     preference_weights,
     project_dual_cone,
+    project_dual_cone_small,
 )
 
 __all__ = ["dualproj_weights"]
@@ -58,7 +61,16 @@ def dualproj_weights(
     """
     G = as_gramian(gramian)
     preferences = preference_weights(pref_vector, G.shape[0])
-    G = normalize_and_regularize(
-        G, check_number(norm_eps, "norm_eps"), check_number(reg_eps, "reg_eps")
-    )
-    return torch.from_numpy(project_dual_cone(G, preferences))
+    norm_eps, reg_eps = check_number(norm_eps, "norm_eps"), check_number(reg_eps, "reg_eps")
+    weights = solve_dualproj(G, preferences.tolist(), norm_eps, reg_eps)
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def solve_dualproj(
+    G: np.ndarray, preferences: list[float], norm_eps: float, reg_eps: float
+) -> list[float]:
+    """:func:`dualproj_weights` of a checked Gramian and hyper-parameters."""
+    G = normalize_and_regularize(G, norm_eps, reg_eps)
+    if G.shape[0] <= _PYTHON_MAX_SIZE:
+        return project_dual_cone_small(G.tolist(), [preferences])[0]
+    return project_dual_cone(G, np.array(preferences)).tolist()

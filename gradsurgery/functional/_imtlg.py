@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, pinv_psd, scale_of
+from .._linalg import _PYTHON_MAX_SIZE, as_gramian, ldl_factor, ldl_solve, pinv_psd, scale_of
 
 __all__ = ["imtlg_weights"]
+
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def imtlg_weights(gramian: Tensor) -> Tensor:
@@ -45,16 +49,42 @@ def imtlg_weights(gramian: Tensor) -> Tensor:
     >>> (G @ w) / G.diagonal().sqrt()  # equal projections
     tensor([0.6667, 0.6667], dtype=torch.float64)
     """
-    G = as_gramian(gramian)
+    return torch.tensor(solve_imtlg(as_gramian(gramian)), dtype=torch.float64)
+
+
+def solve_imtlg(G: np.ndarray) -> list[float]:
+    """:func:`imtlg_weights` of a checked Gramian."""
     num_tasks = G.shape[0]
     scale = scale_of(G)
     if scale == 0.0:
-        return torch.zeros(num_tasks, dtype=torch.float64)
+        return [0.0] * num_tasks
     # Weights do not change when G is scaled; a unit scale makes the zero-sum test relative.
     G = G / scale
-    norms = np.sqrt(G.diagonal())
-    solution = pinv_psd(G, num_tasks * np.finfo(np.float64).eps) @ norms
-    total = float(solution.sum())
-    if abs(total) < 1e-12 * max(1.0, float(np.abs(solution).max())):
-        return torch.zeros(num_tasks, dtype=torch.float64)
-    return torch.from_numpy(solution / total)
+    rtol = num_tasks * _EPS
+    solution = _inverse_times_norms(G.tolist(), rtol) if num_tasks <= _PYTHON_MAX_SIZE else None
+    if solution is None:
+        solution = (pinv_psd(G, rtol) @ np.sqrt(G.diagonal())).tolist()
+    total = sum(solution)
+    if abs(total) < 1e-12 * max(1.0, max(map(abs, solution))):
+        return [0.0] * num_tasks
+    return [value / total for value in solution]
+
+
+def _inverse_times_norms(G: list[list[float]], rtol: float) -> list[float] | None:
+    """``G^-1 n`` on Python floats when ``G`` provably has no eigenvalue at or below
+    ``rtol * lambda_max`` (so that ``G^+ = G^-1``), else ``None``.
+
+    The proof: ``lambda_min >= det(G) / lambda_max^(T-1)`` and ``lambda_max <= trace(G)``, so
+    ``det(G) > rtol trace(G)^T`` puts every eigenvalue above the cut-off; the determinant is
+    the product of the ``L D L^T`` pivots. A factor of 10 keeps rounding out of the test.
+    """
+    num_tasks = len(G)
+    indices = list(range(num_tasks))
+    factors = ldl_factor(G, indices, 0.0)
+    if factors is None:
+        return None
+    lower, pivots = factors
+    trace = sum(G[i][i] for i in indices)
+    if math.prod(pivots) <= 10.0 * rtol * trace**num_tasks:
+        return None
+    return ldl_solve(lower, pivots, [math.sqrt(G[i][i]) for i in indices])

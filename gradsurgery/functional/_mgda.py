@@ -8,7 +8,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, as_task_vector, min_norm_simplex
+from .._linalg import (
+    _PYTHON_MAX_SIZE,
+    as_gramian,
+    as_task_vector,
+    min_norm_simplex,
+    min_norm_simplex_small,
+)
 
 __all__ = ["mgda_weights"]
 
@@ -69,13 +75,24 @@ def mgda_weights(
     tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     G = as_gramian(gramian)
-    normalizers = _normalizers(G, losses, normalization)
     if combine not in MGDA_COMBINATIONS:
         raise ValueError(f"combine must be one of {MGDA_COMBINATIONS}, got {combine!r}")
+    return torch.tensor(solve_mgda(G, losses, normalization, combine), dtype=torch.float64)
+
+
+def solve_mgda(
+    G: np.ndarray, losses: Sequence[float] | Tensor | None, normalization: str, combine: str
+) -> list[float]:
+    """:func:`mgda_weights` of a checked Gramian and ``combine``."""
+    if normalization == "none":  # no normalizers: the weights of G itself
+        if G.shape[0] <= _PYTHON_MAX_SIZE:
+            return min_norm_simplex_small(G.tolist())
+        return min_norm_simplex(G).tolist()
+    normalizers = _normalizers(G, losses, normalization)
     weights = min_norm_simplex(G / np.outer(normalizers, normalizers))
     if combine == "normalized":
         weights = weights / normalizers
-    return torch.from_numpy(weights)
+    return weights.tolist()
 
 
 def _normalizers(

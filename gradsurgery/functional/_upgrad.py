@@ -7,11 +7,13 @@ import torch
 from torch import Tensor
 
 from .._linalg import (
+    _PYTHON_MAX_SIZE,
     as_gramian,
     check_number,
     normalize_and_regularize,
     preference_weights,
     project_dual_cone,
+    project_dual_cone_small,
 )
 
 __all__ = ["upgrad_weights"]
@@ -61,10 +63,22 @@ def upgrad_weights(
     tensor([0.3750, 1.5000], dtype=torch.float64)
     """
     G = as_gramian(gramian)
+    preferences = preference_weights(pref_vector, G.shape[0])
+    norm_eps, reg_eps = check_number(norm_eps, "norm_eps"), check_number(reg_eps, "reg_eps")
+    weights = solve_upgrad(G, preferences.tolist(), norm_eps, reg_eps)
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def solve_upgrad(
+    G: np.ndarray, preferences: list[float], norm_eps: float, reg_eps: float
+) -> list[float]:
+    """:func:`upgrad_weights` of a checked Gramian and hyper-parameters."""
+    G = normalize_and_regularize(G, norm_eps, reg_eps)
     num_tasks = G.shape[0]
-    preferences = preference_weights(pref_vector, num_tasks)
-    G = normalize_and_regularize(
-        G, check_number(norm_eps, "norm_eps"), check_number(reg_eps, "reg_eps")
-    )
-    projections = project_dual_cone(G, np.diag(preferences))
-    return torch.from_numpy(projections.sum(axis=0))
+    if num_tasks <= _PYTHON_MAX_SIZE:
+        scaled = [[0.0] * num_tasks for _ in range(num_tasks)]
+        for i, preference in enumerate(preferences):
+            scaled[i][i] = preference
+        projections = project_dual_cone_small(G.tolist(), scaled)
+        return [sum(column) for column in zip(*projections, strict=True)]
+    return project_dual_cone(G, np.diag(preferences)).sum(axis=0).tolist()

@@ -6,19 +6,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from torch import Tensor
+import numpy as np
 
 from .._linalg import check_number
 from .._weighting import Decision, Method, Needs, TaskStats
 
 
 class DualConeMethod(Method):
-    """A method whose weights are ``solver(G, pref_vector, norm_eps=, reg_eps=)``.
+    """A method whose weights are ``solver(G, preferences, norm_eps, reg_eps)``.
 
-    A subclass names its solver (a ``gradsurgery.functional`` function) in :attr:`solver`.
+    A subclass names its solver in :attr:`solver`: the function behind its
+    ``gradsurgery.functional`` counterpart, on a NumPy Gramian and a list of preferences,
+    without the public function's checks (the pipeline checked the Gramian, ``__init__`` the
+    rest).
     """
 
-    solver: ClassVar[Callable[..., Tensor]]
+    solver: ClassVar[Callable[[np.ndarray, list[float], float, float], list[float]]]
     needs = Needs.GRAMIAN
     # Task-specific parameters get each task's plain gradient, as in the reference code
     # (every loss back-propagated, only the shared gradient replaced).
@@ -36,11 +39,15 @@ class DualConeMethod(Method):
         check_length(self.pref_vector, num_tasks)
 
     def decide(self, stats: TaskStats) -> Decision:
+        G = np.array(stats.gramian_rows, dtype=np.float64)
+        num_tasks = G.shape[0]
+        if self.pref_vector is None:
+            preferences = [1.0 / num_tasks] * num_tasks
+        else:
+            check_length(self.pref_vector, num_tasks)
+            preferences = list(self.pref_vector)
         solve = type(self).solver
-        weights = solve(
-            stats.gramian, self.pref_vector, norm_eps=self.norm_eps, reg_eps=self.reg_eps
-        )
-        return Decision(weights=weights.tolist())
+        return Decision(weights=solve(G, preferences, self.norm_eps, self.reg_eps))
 
     def __repr__(self) -> str:
         return (

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .._linalg import check_number
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._aligned_mtl import ALIGNED_MTL_SCALE_MODES, aligned_mtl_weights
+from ..functional._aligned_mtl import _AUTHORS_RTOL, ALIGNED_MTL_SCALE_MODES, solve_aligned_mtl
 from ._dual_cone import check_length, preferences
 
 __all__ = ["AlignedMTL"]
@@ -56,9 +58,12 @@ class AlignedMTL(Method):
         check_length(self.pref_vector, num_tasks)
 
     def decide(self, stats: TaskStats) -> Decision:
-        weights = aligned_mtl_weights(
-            stats.gramian, self.pref_vector, scale_mode=self.scale_mode, rtol=self.rtol
-        )
+        G = np.array(stats.gramian_rows, dtype=np.float64)
+        num_tasks = G.shape[0]
+        check_length(self.pref_vector, num_tasks)
+        preferences = np.ones(num_tasks) if self.pref_vector is None else np.array(self.pref_vector)
+        rtol = _AUTHORS_RTOL if self.rtol is None else self.rtol
+        weights = solve_aligned_mtl(G, preferences, self.scale_mode, rtol)
         return Decision(weights=weights.tolist())
 
     def __repr__(self) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._linalg import check_number
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._cagrad import CAGRAD_RESCALES, cagrad_weights
+from ..functional._cagrad import CAGRAD_RESCALES, solve_cagrad
 
 __all__ = ["CAGrad"]
 
@@ -44,7 +46,8 @@ class CAGrad(Method):
         self.rescale = rescale
 
     def decide(self, stats: TaskStats) -> Decision:
-        weights = cagrad_weights(stats.gramian, self.c, rescale=self.rescale)
+        G = np.array(stats.gramian_rows, dtype=np.float64)
+        weights = solve_cagrad(G, self.c, self.rescale)
         return Decision(weights=weights.tolist())
 
     def __repr__(self) -> str:

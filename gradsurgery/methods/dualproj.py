@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..functional._dualproj import dualproj_weights
+from ..functional._dualproj import solve_dualproj
 from ._dual_cone import DualConeMethod
 
 __all__ = ["DualProj"]
@@ -29,4 +29,4 @@ class DualProj(DualConeMethod):
     [1.0, 0.5]
     """
 
-    solver = staticmethod(dualproj_weights)
+    solver = staticmethod(solve_dualproj)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._imtlg import imtlg_weights
+from ..functional._imtlg import solve_imtlg
 
 __all__ = ["IMTLG"]
 
@@ -28,4 +30,4 @@ class IMTLG(Method):
     unshared = "sum"
 
     def decide(self, stats: TaskStats) -> Decision:
-        return Decision(weights=imtlg_weights(stats.gramian).tolist())
+        return Decision(weights=solve_imtlg(np.array(stats.gramian_rows, dtype=np.float64)))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._mgda import MGDA_COMBINATIONS, MGDA_NORMALIZATIONS, mgda_weights
+from ..functional._mgda import MGDA_COMBINATIONS, MGDA_NORMALIZATIONS, solve_mgda
 
 __all__ = ["MGDA"]
 
@@ -43,10 +45,8 @@ class MGDA(Method):
         self.combine = combine
 
     def decide(self, stats: TaskStats) -> Decision:
-        weights = mgda_weights(
-            stats.gramian, stats.losses, normalization=self.normalization, combine=self.combine
-        )
-        return Decision(weights=weights.tolist())
+        G = np.array(stats.gramian_rows, dtype=np.float64)
+        return Decision(weights=solve_mgda(G, stats.losses, self.normalization, self.combine))
 
     def __repr__(self) -> str:
         return f"MGDA(normalization={self.normalization!r}, combine={self.combine!r})"

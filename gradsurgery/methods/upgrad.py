@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..functional._upgrad import upgrad_weights
+from ..functional._upgrad import solve_upgrad
 from ._dual_cone import DualConeMethod
 
 __all__ = ["UPGrad"]
@@ -29,4 +29,4 @@ class UPGrad(DualConeMethod):
     [1.0, 0.625]
     """
 
-    solver = staticmethod(upgrad_weights)
+    solver = staticmethod(solve_upgrad)
