@@ -131,3 +131,67 @@ def test_every_method_has_a_study_row_with_its_bound() -> None:
         bound = GRADIENT_TARGET if cls.needs > Needs.LOSSES else LOSS_WEIGHTING_TARGET
         assert METHODS[key].target == bound
         assert not METHODS[key].peer or METHODS[key].peer in METHODS
+
+
+def test_multi_input_cnn_quick_run_writes_every_mode(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "benchmarks/multi_input_cnn.py", "--quick", "--tasks", "2",
+        "--no-memory", "--out", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+
+    result = json.loads((tmp_path / "multi_input_cnn.json").read_text())
+    assert {(row["heads"], row["tasks"]) for row in result["results"]} == {
+        ("shared", 2),
+        ("per-task", 2),
+    }
+    modes = {"plain", "gs-pcgrad-fast", "gs-pcgrad", "gs-upgrad-fast", "gs-upgrad"}
+    for row in result["results"]:
+        assert set(row["timing"]) == modes
+        assert all(
+            timing["median_s"] > 0 and timing["ratio"] > 0 for timing in row["timing"].values()
+        )
+        assert set(row["agreement"]) == {"PCGrad", "UPGrad"}
+        assert all(check["agree"] for check in row["agreement"].values())
+        assert set(row["slow_layers"]) == {"gs-pcgrad-fast", "gs-upgrad-fast"}
+    per_task = next(row for row in result["results"] if row["heads"] == "per-task")
+    assert set(per_task["slow_layers"]["gs-pcgrad-fast"]) == {"heads.0", "heads.1"}
+    assert result["machine"]["torch_threads"] == 1
+
+    markdown = (tmp_path / "multi_input_cnn.md").read_text()
+    assert "## Performance target" in markdown and "| PCGrad, batch-partition engine |" in markdown
+
+
+def test_multi_input_cnn_memory_probe_reports_both_peaks() -> None:
+    command = [
+        sys.executable, "benchmarks/multi_input_cnn.py", "--probe", "gs-pcgrad-fast",
+        "--tasks", "2", "--heads", "shared",
+    ]  # fmt: skip
+    out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    reported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reported["measure"] == "VmHWM"
+    assert reported["first_bytes"] > 0 and reported["steady_bytes"] > 0
+
+
+@pytest.mark.usefixtures("benchmarks_importable")
+def test_multi_input_cnn_agreement_check_sees_a_different_update(monkeypatch) -> None:
+    # The benchmark's engine check must be able to fail: give the fast engine's step another
+    # method (the plain mean) and the combined gradients no longer agree.
+    import multi_input_cnn
+    import torch
+
+    import gradsurgery as gs
+
+    real = multi_input_cnn.make_optimizer
+
+    def mean_when_fast(method, adam, engine):
+        if engine is None:
+            return real(method, adam, engine)
+        return gs.MultiTaskOptimizer(adam, gs.methods.Mean(), engine=engine)
+
+    device = torch.device("cpu")
+    assert multi_input_cnn.agreement(2, "shared", "UPGrad", device)["agree"]
+    monkeypatch.setattr(multi_input_cnn, "make_optimizer", mean_when_fast)
+    check = multi_input_cnn.agreement(2, "shared", "UPGrad", device)
+    assert not check["agree"]
+    assert check["max_relative_grad_difference"] > multi_input_cnn.AGREEMENT_TOLERANCE
