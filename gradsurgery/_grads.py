@@ -12,18 +12,21 @@ __all__ = ["accumulate_grads", "all_finite", "fresh_all_finite"]
 
 
 def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """Add ``grads[k]`` (flattened) into ``params[k].grad``, as ``backward`` would.
+    """Add ``grads[k]`` (of ``params[k]``'s shape, or flattened) into ``params[k].grad``, as
+    ``backward`` would.
 
     The tensors in ``grads`` must be fresh ones the caller gives away: empty ``.grad`` slots
     take them (as views) rather than copies.
     """
     existing_params, existing_grads = [], []
     for p, g in zip(params, grads, strict=True):
+        if g.shape != p.shape:  # a view op per parameter costs more than this test
+            g = g.view_as(p)
         if p.grad is None:
-            p.grad = g.view_as(p)
+            p.grad = g
         else:
             existing_params.append(p.grad)
-            existing_grads.append(g.view_as(p))
+            existing_grads.append(g)
     if existing_params:
         torch._foreach_add_(existing_params, existing_grads)
 
@@ -71,11 +74,14 @@ def fresh_all_finite(tensors: Sequence[Tensor]) -> bool:
         )
     ):
         return all_finite(tensors)
-    found = torch.zeros(1, device=tensors[0].device)
-    torch._amp_foreach_non_finite_check_and_unscale_(
-        list(tensors), found, torch.ones(1, device=found.device)
-    )
+    device = tensors[0].device
+    found = torch.zeros(1, device=device)
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, one)
     return not found.item()
 
 
 _FUSED_CHECK = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
+_ONES: dict[torch.device, Tensor] = {}  # the check's scale of 1, read only, one per device

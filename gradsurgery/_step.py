@@ -507,12 +507,12 @@ class _GeneratorRollback:
 def _weighted_gradient(
     losses: list[Tensor], weights: list[float], params: list[Tensor]
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """``grad sum_i w_i L_i`` of the parameters it reaches (frees the graph)."""
+    """``grad sum_i w_i L_i`` of the parameters it reaches, in their shapes (frees the graph)."""
     weighted = sum(w * loss for w, loss in zip(weights, losses, strict=True))
     assert isinstance(weighted, Tensor)
     found = torch.autograd.grad(weighted, params, allow_unused=True)
     targets = [p for p, g in zip(params, found, strict=True) if g is not None]
-    return targets, [g.reshape(-1) for g in found if g is not None]
+    return targets, [g for g in found if g is not None]
 
 
 def _per_parameter_weights(
