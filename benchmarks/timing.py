@@ -182,7 +182,7 @@ def machine(device: torch.device = CPU) -> dict[str, object]:
         "gradsurgery": gradsurgery.__version__,
         # GRADSURGERY_COMMIT names the commit when the package is a snapshot outside git.
         "gradsurgery_commit": os.environ.get("GRADSURGERY_COMMIT")
-        or _git_commit(Path(gradsurgery.__file__).parent),
+        or git_commit(Path(gradsurgery.__file__).parent),
         "torchjd": torchjd_version(),
         "platform": platform.platform(),
     }
@@ -197,7 +197,7 @@ def _memory_gib() -> float | None:
         return None
 
 
-def _git_commit(package_dir: Path) -> str | None:
+def git_commit(package_dir: Path) -> str | None:
     """The commit the measured gradsurgery comes from, with ``+dirty`` for local edits."""
 
     def git(*args: str) -> str:

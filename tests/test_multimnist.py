@@ -96,6 +96,7 @@ def test_tiny_benchmark_run_and_its_summary(tmp_path: Path) -> None:
         assert run["steps"] == 2 and run["train_size"] == 512
         assert all(0 <= a <= 1 for a in run["test_accuracy"] + run["validation_accuracy"])
         assert run["step_cpu_seconds_median"] > 0
+        assert "gradsurgery_commit" in run  # None outside a git checkout
 
     with (tmp_path / "summary.csv").open() as file:
         table = {row["method"]: row for row in csv.DictReader(file)}

@@ -28,6 +28,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(1, str(HERE.parent))
 
+from timing import git_commit  # noqa: E402
+
+import gradsurgery  # noqa: E402
+
 import method_registry  # noqa: E402
 import summary  # noqa: E402
 from train import EPOCHS  # noqa: E402
@@ -82,6 +86,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int, extra: list[str]) 
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["process_wall_seconds"] = time.perf_counter() - started
     result["command"] = " ".join(["python", "benchmarks/multimnist/train.py", *command[2:]])
+    result["gradsurgery_commit"] = git_commit(Path(gradsurgery.__file__).parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{result['method']} seed {seed}: test accuracy {result['test_accuracy']}, "
