@@ -203,11 +203,15 @@ def _tolerances(n: int, magnitude: float) -> tuple[float, float]:
     return 10.0 * n * _EPS * magnitude, 1e3 * n * _EPS * magnitude
 
 
-def _nnls_gram_small(matrix: list[list[float]], target: list[float]) -> list[float]:
+def _nnls_gram_small(
+    matrix: list[list[float]], target: list[float], matrix_magnitude: float | None = None
+) -> list[float]:
     """:func:`nnls_gram` of a small problem on Python floats: the exchange method first, then
-    Lawson-Hanson in NumPy when a passive block is singular (dependent columns)."""
-    magnitude = max(max(map(abs, row)) for row in matrix)
-    magnitude = max(magnitude, max(map(abs, target)))
+    Lawson-Hanson in NumPy when a passive block is singular (dependent columns).
+    ``matrix_magnitude``: the largest ``|M_ij|``, when the caller knows it."""
+    if matrix_magnitude is None:
+        matrix_magnitude = max([max(map(abs, row)) for row in matrix])
+    magnitude = max(matrix_magnitude, max(map(abs, target)))
     tolerance, singular = _tolerances(len(target), magnitude)
     solution = _nnls_gram_exchange(matrix, target, tolerance, singular)
     if solution is None:
@@ -230,6 +234,8 @@ def _nnls_gram_exchange(
     """
     n = len(target)
     passive = [value > tolerance for value in target]  # from z = 0 every c_i > 0 enters
+    if not any(passive):
+        return [0.0] * n  # z = 0 is optimal
     budget, fewest = 3, n + 1
     for _ in range(_EXCHANGE_ROUNDS + n):
         indices = [i for i in range(n) if passive[i]]
@@ -594,10 +600,11 @@ def project_dual_cone_small(
     if scale == 0.0:
         return [list(u) for u in weights]
     matrix = [[value / scale for value in row] for row in gramian]
+    magnitude = max([max(map(abs, row)) for row in matrix])
     projected = []
     for u in weights:
         target = [-sum([a * b for a, b in zip(row, u, strict=True)]) for row in matrix]
-        z = _nnls_gram_small(matrix, target)
+        z = _nnls_gram_small(matrix, target, magnitude)
         projected.append([a + b for a, b in zip(u, z, strict=True)])
     return projected
 
