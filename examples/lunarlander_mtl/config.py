@@ -253,7 +253,8 @@ NUM_TASKS_IN_STUDY = 3  # standard, windy, heavy (envs.py; not imported: no gym 
 
 # `--method`: every method of the library, by its lower-cased class name.
 METHOD_CLASSES: dict[str, type[gradsurgery.Method]] = {
-    name.lower(): getattr(gradsurgery.methods, name) for name in gradsurgery.methods.__all__
+    name.lower(): getattr(gradsurgery.methods, name)
+    for name in sorted(gradsurgery.methods.__all__, key=str.lower)
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_CLASSES)
 
