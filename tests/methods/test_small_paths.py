@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gradsurgery import _linalg as L
 from gradsurgery._weighting import TaskStats
-from gradsurgery.functional import _dualproj, _imtlg, _mgda, _upgrad
+from gradsurgery.functional import _dualproj, _imtlg, _mgda, _nash_mtl, _upgrad
 from gradsurgery.methods.dualproj import DualProj
 from gradsurgery.methods.imtlg import IMTLG
 from gradsurgery.methods.mgda import MGDA
@@ -157,3 +157,28 @@ def test_small_eigh_is_an_eigendecomposition(num_tasks, seed):
     torch.testing.assert_close(
         torch.from_numpy(values), torch.linalg.eigvalsh(torch.from_numpy(G)), rtol=1e-9, atol=1e-12
     )
+
+
+@pytest.mark.parametrize(("case", "J"), degenerate_jacobians())
+@pytest.mark.parametrize("warm", [False, True])
+def test_nash_mtl_python_path_matches_numpy(case, J, warm, monkeypatch):
+    """The same Newton steps on Python floats: the same weights and iteration count, and the
+    same refusal where no bargaining solution exists (an opposite pair)."""
+    G = J @ J.T
+    start = np.full(len(G), 0.5) if warm else None
+
+    def solve():
+        try:
+            return _nash_mtl.solve_bargaining(G, 20, start)
+        except _nash_mtl.NashMTLNoSolutionError:
+            return None
+
+    python = solve()
+    monkeypatch.setattr(_nash_mtl, "_PYTHON_MAX_SIZE", 0)
+    numpy = solve()
+    if numpy is None:
+        assert python is None, case
+        return
+    assert python.converged == numpy.converged
+    assert python.iterations == numpy.iterations
+    np.testing.assert_allclose(python.weights, numpy.weights, rtol=1e-9, err_msg=case)
