@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, check_number, check_positive_int
+from .._linalg import as_gramian, check_number, check_positive_int, ldl_factor, ldl_solve
 
 __all__ = ["fairgrad_weights"]
 
@@ -143,7 +143,7 @@ _PYTHON_MAX_TASKS = 6
 
 
 def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: int) -> list[float]:
-    """:func:`_solve_numpy`'s iteration, on Python floats (Cholesky for the Newton system)."""
+    """:func:`_solve_numpy`'s iteration, on Python floats (``L D L^T`` for the Newton system)."""
     n = len(gram)
     scale = max(gram[i][i] for i in range(n))
     A = [[entry / scale for entry in row] for row in gram]
@@ -157,16 +157,18 @@ def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: i
         return 0.5 * quadratic + sum(xi ** (1.0 - p) for xi in x) / (p - 1.0)
 
     value = objective(w)
+    indices = list(range(n))
     for _ in range(max_iter):
         target = [wi**-p for wi in w]
         residual = [sum(map(float.__mul__, row, w)) - ti for row, ti in zip(A, target, strict=True)]
         converged = all(abs(r) <= tol * ti for r, ti in zip(residual, target, strict=True))
         hessian = [row[:] for row in A]
-        for i in range(n):
+        for i in indices:
             hessian[i][i] += p * target[i] / w[i]
-        step = _cholesky_solve(hessian, [-r for r in residual])
-        if step is None:  # the weights grew until the barrier vanished: no root
+        factors = ldl_factor(hessian, indices, 0.0)
+        if factors is None:  # the weights grew until the barrier vanished: no root
             break
+        step = ldl_solve(*factors, [-r for r in residual])
         if converged:  # one more full step: Newton's quadratic rate takes it to rounding level
             polished = [wi + si for wi, si in zip(w, step, strict=True)]
             w = polished if min(polished) > 0 else w
@@ -185,29 +187,6 @@ def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: i
             t *= 0.5
         w, value = candidate, candidate_value
     raise _no_root(max_iter)
-
-
-def _cholesky_solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
-    """``matrix^-1 rhs`` for a symmetric positive definite ``matrix``; ``None`` if it is not."""
-    n = len(matrix)
-    lower = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1):
-            total = matrix[i][j] - sum(lower[i][k] * lower[j][k] for k in range(j))
-            if i == j:
-                if not total > 0:
-                    return None
-                lower[i][i] = math.sqrt(total)
-            else:
-                lower[i][j] = total / lower[j][j]
-    forward = [0.0] * n
-    for i in range(n):
-        forward[i] = (rhs[i] - sum(lower[i][k] * forward[k] for k in range(i))) / lower[i][i]
-    solution = [0.0] * n
-    for i in reversed(range(n)):
-        back = sum(lower[k][i] * solution[k] for k in range(i + 1, n))
-        solution[i] = (forward[i] - back) / lower[i][i]
-    return solution
 
 
 def _solve_numpy(gram: list[list[float]], alpha: float, tol: float, max_iter: int) -> list[float]:
