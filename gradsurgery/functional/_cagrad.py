@@ -8,7 +8,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import SolverError, as_gramian, check_number, min_norm_simplex, scale_of
+from .._linalg import (
+    _PYTHON_MAX_SIZE,
+    SolverError,
+    as_gramian,
+    check_number,
+    ldl_factor,
+    ldl_solve,
+    min_norm_simplex,
+    scale_of,
+)
 
 __all__ = ["cagrad_weights"]
 
@@ -16,6 +25,7 @@ CAGRAD_RESCALES = (0, 1, 2)
 _MAX_ITER = 200
 # ||g_w|| at or below this, with the largest task gradient of norm 1, counts as zero.
 _VANISHING_NORM = 1e-8
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tensor:
@@ -108,6 +118,7 @@ class _ShiftedHull:
 
     def __init__(self, G: np.ndarray, mean_gram: np.ndarray, g0_squared: float, radius: float):
         self.G, self.mean_gram, self.g0_squared, self.radius = G, mean_gram, g0_squared, radius
+        self.rows = G.tolist()
         ones = np.ones_like(mean_gram)
         self.cross = np.outer(mean_gram, ones) + np.outer(ones, mean_gram)
 
@@ -143,6 +154,10 @@ class _ShiftedHull:
 
     def _affine_on(self, support: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """``p, q`` with ``w(s) = p + s q`` the minimizer on the face ``support``."""
+        if support.size <= _PYTHON_MAX_SIZE:
+            affine = self._affine_by_elimination(support)
+            if affine is not None:
+                return affine
         size = support.size
         kkt = np.zeros((size + 1, size + 1))
         kkt[:size, :size] = self.G[np.ix_(support, support)]
@@ -155,6 +170,26 @@ class _ShiftedHull:
             return None
         p, q = np.zeros(self.G.shape[0]), np.zeros(self.G.shape[0])
         p[support], q[support] = solution[:size, 0], solution[:size, 1]
+        return p, q
+
+    def _affine_by_elimination(self, support: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`_affine_on` through ``G_S``'s ``L D L^T`` factorization when ``G_S`` is
+        nonsingular: with ``a = G_S^-1 1`` and ``b = -G_S^-1 (G b_0)_S``, ``p = a / 1^T a``
+        and ``q = b - (1^T b / 1^T a) a`` (the multiplier of ``1^T w = 1`` eliminated).
+        ``None`` when ``G_S`` is singular (least squares then)."""
+        indices = support.tolist()
+        singular = 1e3 * len(indices) * _EPS * max(1.0, float(np.abs(self.G).max()))
+        factors = ldl_factor(self.rows, indices, singular)
+        if factors is None:
+            return None
+        a = np.array(ldl_solve(*factors, [1.0] * len(indices)))
+        b = np.array(ldl_solve(*factors, [-self.mean_gram[i] for i in indices]))
+        total = float(a.sum())
+        if not total > 0:  # pragma: no cover - 1^T G_S^-1 1 > 0 for a positive definite G_S
+            return None
+        p, q = np.zeros(self.G.shape[0]), np.zeros(self.G.shape[0])
+        p[support] = a / total
+        q[support] = b - (float(b.sum()) / total) * a
         return p, q
 
     def _fixed_point(self, p: np.ndarray, q: np.ndarray) -> float | None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gradsurgery import _linalg as L
 from gradsurgery._weighting import TaskStats
-from gradsurgery.functional import _dualproj, _imtlg, _mgda, _nash_mtl, _upgrad
+from gradsurgery.functional import _cagrad, _dualproj, _imtlg, _mgda, _nash_mtl, _upgrad
 from gradsurgery.methods.dualproj import DualProj
 from gradsurgery.methods.imtlg import IMTLG
 from gradsurgery.methods.mgda import MGDA
@@ -182,3 +182,29 @@ def test_nash_mtl_python_path_matches_numpy(case, J, warm, monkeypatch):
     assert python.converged == numpy.converged
     assert python.iterations == numpy.iterations
     np.testing.assert_allclose(python.weights, numpy.weights, rtol=1e-9, err_msg=case)
+
+
+@pytest.mark.parametrize(("case", "J"), degenerate_jacobians())
+def test_cagrad_faces_by_elimination_match_least_squares(case, J, monkeypatch):
+    """CAGrad's affine minimizer on a face, w(s) = p + s q: the elimination through G_S's
+    factorization gives least squares' answer, and declines (None) where G_S is singular."""
+    G = J @ J.T
+    scale = float(G.diagonal().max())
+    if scale == 0:
+        return
+    G = G / scale
+    mean = np.full(len(G), 1.0 / len(G))
+    mean_gram = G @ mean
+    hull = _cagrad._ShiftedHull(G, mean_gram, float(mean @ mean_gram), 0.4)
+    for size in range(1, len(G) + 1):
+        support = np.arange(size)
+        by_elimination = hull._affine_by_elimination(support)
+        if np.linalg.matrix_rank(G[:size, :size], tol=1e-10) < size:
+            assert by_elimination is None, case
+            continue
+        with monkeypatch.context() as patch:
+            patch.setattr(_cagrad, "_PYTHON_MAX_SIZE", 0)
+            by_least_squares = hull._affine_on(support)
+        assert by_elimination is not None, case
+        for ours, theirs in zip(by_elimination, by_least_squares, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-8, atol=1e-10, err_msg=case)
