@@ -49,7 +49,7 @@ def imtlg_weights(gramian: Tensor) -> Tensor:
     >>> (G @ w) / G.diagonal().sqrt()  # equal projections
     tensor([0.6667, 0.6667], dtype=torch.float64)
     """
-    return torch.tensor(solve_imtlg(as_gramian(gramian)), dtype=torch.float64)
+    return torch.from_numpy(np.array(solve_imtlg(as_gramian(gramian))))
 
 
 def solve_imtlg(G: np.ndarray) -> list[float]:

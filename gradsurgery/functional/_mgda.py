@@ -77,7 +77,7 @@ def mgda_weights(
     G = as_gramian(gramian)
     if combine not in MGDA_COMBINATIONS:
         raise ValueError(f"combine must be one of {MGDA_COMBINATIONS}, got {combine!r}")
-    return torch.tensor(solve_mgda(G, losses, normalization, combine), dtype=torch.float64)
+    return torch.from_numpy(np.array(solve_mgda(G, losses, normalization, combine)))
 
 
 def solve_mgda(

@@ -66,7 +66,7 @@ def upgrad_weights(
     preferences = preference_weights(pref_vector, G.shape[0])
     norm_eps, reg_eps = check_number(norm_eps, "norm_eps"), check_number(reg_eps, "reg_eps")
     weights = solve_upgrad(G, preferences.tolist(), norm_eps, reg_eps)
-    return torch.tensor(weights, dtype=torch.float64)
+    return torch.from_numpy(np.array(weights))
 
 
 def solve_upgrad(

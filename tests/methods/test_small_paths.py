@@ -208,3 +208,40 @@ def test_cagrad_faces_by_elimination_match_least_squares(case, J, monkeypatch):
         assert by_elimination is not None, case
         for ours, theirs in zip(by_elimination, by_least_squares, strict=True):
             np.testing.assert_allclose(ours, theirs, rtol=1e-8, atol=1e-10, err_msg=case)
+
+
+@pytest.mark.parametrize("size", [1, 3, L._PYTHON_MAX_SIZE, L._PYTHON_MAX_SIZE + 1])
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        ("nan", ValueError, "NaN or Inf"),
+        ("inf", ValueError, "NaN or Inf"),
+        ("negative diagonal", ValueError, "negative diagonal"),
+        ("not square", ValueError, "square"),
+        ("integer", TypeError, "float dtype"),
+    ],
+)
+def test_tensor_gramians_are_checked_on_both_paths(size, edit, error, message):
+    G = torch.eye(size, dtype=torch.float32)
+    if edit == "nan":
+        G[0, -1] = float("nan")
+    elif edit == "inf":
+        G[-1, 0] = float("inf")
+    elif edit == "negative diagonal":
+        G[-1, -1] = -1.0
+    elif edit == "not square":
+        G = torch.ones(size, size + 1)
+    else:
+        G = G.long()
+    with pytest.raises(error, match=message):
+        L.as_gramian(G)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 3, L._PYTHON_MAX_SIZE + 1])
+def test_tensor_gramians_become_the_same_float64_array_on_both_paths(dtype, size):
+    J = torch.randn(size, 5, generator=torch.Generator().manual_seed(size))
+    G = (J @ J.T).to(dtype).requires_grad_(dtype != torch.float16)
+    array = L.as_gramian(G)
+    assert array.dtype == np.float64
+    np.testing.assert_array_equal(array, G.detach().double().numpy())
