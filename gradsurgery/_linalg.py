@@ -16,6 +16,7 @@ a non-negative least-squares problem in Gram form (:func:`nnls_gram`, and
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -248,11 +249,12 @@ def _nnls_gram_exchange(
     """
     n = len(target)
     passive = [value > tolerance for value in target]  # from z = 0 every c_i > 0 enters
-    if not any(passive):
+    if True not in passive:
         return [0.0] * n  # z = 0 is optimal
+    everything = range(n)
     budget, fewest = 3, n + 1
     for _ in range(_EXCHANGE_ROUNDS + n):
-        indices = [i for i in range(n) if passive[i]]
+        indices = [i for i in everything if passive[i]]
         z = [0.0] * n
         if indices:
             sub = _cholesky_solve(matrix, indices, target, singular)
@@ -260,15 +262,16 @@ def _nnls_gram_exchange(
                 return None
             for i, value in zip(indices, sub, strict=True):
                 z[i] = value
-        violations = []
-        for i in range(n):
-            if passive[i]:
-                if z[i] < -tolerance:
-                    violations.append(i)
-            else:
-                row = matrix[i]
-                if sum([row[j] * z[j] for j in indices]) - target[i] < -tolerance:
-                    violations.append(i)
+        # Passive coordinates below zero, and active ones whose gradient M z - c is negative.
+        violations = [
+            i
+            for i in everything
+            if (
+                z[i] < -tolerance
+                if passive[i]
+                else sum(map(operator.mul, matrix[i], z)) - target[i] < -tolerance
+            )
+        ]
         if not violations:
             return [value if value > 0.0 else 0.0 for value in z]
         if len(violations) < fewest:
@@ -617,7 +620,7 @@ def project_dual_cone_small(
     magnitude = max([max(map(abs, row)) for row in matrix])
     projected = []
     for u in weights:
-        target = [-sum([a * b for a, b in zip(row, u, strict=True)]) for row in matrix]
+        target = [-sum(map(operator.mul, row, u)) for row in matrix]
         z = _nnls_gram_small(matrix, target, magnitude)
         projected.append([a + b for a, b in zip(u, z, strict=True)])
     return projected
