@@ -507,10 +507,19 @@ class _GeneratorRollback:
 def _weighted_gradient(
     losses: list[Tensor], weights: list[float], params: list[Tensor]
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """``grad sum_i w_i L_i`` of the parameters it reaches, in their shapes (frees the graph)."""
-    weighted = sum(w * loss for w, loss in zip(weights, losses, strict=True))
-    assert isinstance(weighted, Tensor)
-    found = torch.autograd.grad(weighted, params, allow_unused=True)
+    """``grad sum_i w_i L_i`` of the parameters it reaches, in their shapes (frees the graph).
+
+    The weights enter as the losses' output gradients: no product or sum joins the graph.
+    """
+    first = losses[0]
+    if all(x.dtype == first.dtype and x.device == first.device for x in losses):
+        seeds = torch.tensor(weights, dtype=first.dtype, device=first.device).unbind()
+    else:
+        seeds = tuple(
+            torch.tensor(w, dtype=x.dtype, device=x.device)
+            for w, x in zip(weights, losses, strict=True)
+        )
+    found = torch.autograd.grad(losses, params, grad_outputs=seeds, allow_unused=True)
     targets = [p for p, g in zip(params, found, strict=True) if g is not None]
     return targets, [g for g in found if g is not None]
 

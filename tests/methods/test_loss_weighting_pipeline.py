@@ -69,6 +69,20 @@ def test_the_model_gradient_is_that_of_the_weighted_sum(name):
             method.end_epoch()
 
 
+def test_losses_of_different_dtypes_are_weighted_each_in_its_own():
+    model, losses = problem()
+    optimizer = wrap(GLS(), model)
+    mixed = losses()
+    mixed[1] = mixed[1].double()  # e.g. one task's loss computed in float64
+    info = optimizer.backward(mixed)
+    expected = torch.autograd.grad(
+        sum(w * loss for w, loss in zip(info.weights, losses(), strict=True)),
+        list(model.parameters()),
+    )
+    for parameter, grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(parameter.grad, grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(("name", "attribute"), [("uw", "log_variances"), ("imtl_l", "log_scales")])
 def test_learned_parameters_get_their_analytic_gradient_and_are_stepped(name, attribute):
     method = METHODS[name]()
