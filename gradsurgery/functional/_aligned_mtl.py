@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, check_number, eigh, preference_weights
+from .._linalg import _PYTHON_MAX_SIZE, as_gramian, check_number, eigh, preference_weights
 
 __all__ = ["aligned_mtl_weights"]
 
@@ -67,32 +68,61 @@ def aligned_mtl_weights(
     if scale_mode not in ALIGNED_MTL_SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {ALIGNED_MTL_SCALE_MODES}, got {scale_mode!r}")
     rtol = _AUTHORS_RTOL if rtol is None else check_number(rtol, "rtol")
-    return torch.from_numpy(solve_aligned_mtl(G, preferences, scale_mode, rtol))
+    weights = solve_aligned_mtl(G, preferences.tolist(), scale_mode, rtol)
+    return torch.from_numpy(np.array(weights))
 
 
 def solve_aligned_mtl(
-    G: np.ndarray, preferences: np.ndarray, scale_mode: str, rtol: float
-) -> np.ndarray:
-    """:func:`aligned_mtl_weights` of a checked Gramian and hyper-parameters."""
+    G: np.ndarray, preferences: list[float], scale_mode: str, rtol: float
+) -> list[float]:
+    """:func:`aligned_mtl_weights` of a checked Gramian and hyper-parameters, on Python floats
+    after the eigendecomposition (a few NumPy calls on ``T`` values cost more than the
+    arithmetic)."""
     num_tasks = G.shape[0]
-    eigenvalues, eigenvectors = eigh(G)
+    values, vectors = eigh(G)
+    if num_tasks > _PYTHON_MAX_SIZE:
+        return _balanced_numpy(values, vectors, np.array(preferences), scale_mode, rtol).tolist()
+    eigenvalues, columns = values.tolist(), vectors.T.tolist()
+    largest = max(eigenvalues)
+    kept = [k for k, value in enumerate(eigenvalues) if value > largest * num_tasks * rtol]
+    if largest <= 0 or not kept:  # every gradient is zero: nothing to align
+        return list(preferences)
+    kept_values = [eigenvalues[k] for k in kept]
+    if scale_mode == "min":
+        scale = min(kept_values)
+    elif scale_mode == "median":
+        scale = sorted(kept_values)[(len(kept_values) - 1) // 2]  # the lower one, as torch's
+    else:
+        scale = sum(kept_values) / len(kept_values)
+    # B p = sqrt(s) V (diag(lambda)^(-1/2) (V^T p)): two matrix-vector products, no B.
+    root = math.sqrt(scale)
+    weights = [0.0] * num_tasks
+    for k, value in zip(kept, kept_values, strict=True):
+        column = columns[k]
+        coefficient = root * sum(map(operator.mul, column, preferences)) / math.sqrt(value)
+        for i in range(num_tasks):
+            weights[i] += coefficient * column[i]
+    return weights
+
+
+def _balanced_numpy(
+    eigenvalues: np.ndarray,
+    eigenvectors: np.ndarray,
+    preferences: np.ndarray,
+    scale_mode: str,
+    rtol: float,
+) -> np.ndarray:
+    """:func:`solve_aligned_mtl` after the eigendecomposition, on NumPy (many tasks)."""
     largest = float(eigenvalues.max())
-    kept = eigenvalues > largest * num_tasks * rtol
-    if largest <= 0 or not kept.any():  # every gradient is zero: nothing to align
+    kept = eigenvalues > largest * eigenvalues.shape[0] * rtol
+    if largest <= 0 or not kept.any():
         return preferences.copy()
     eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
     if scale_mode == "min":
-        scale = eigenvalues.min()
+        scale = float(eigenvalues.min())
     elif scale_mode == "median":
-        scale = _lower_median(eigenvalues)
+        scale = float(np.sort(eigenvalues)[(eigenvalues.shape[0] - 1) // 2])
     else:
-        scale = eigenvalues.mean()
-    # B p = sqrt(s) V (diag(lambda)^(-1/2) (V^T p)): two matrix-vector products, no B.
-    return math.sqrt(scale) * (
-        eigenvectors @ ((eigenvectors.T @ preferences) / np.sqrt(eigenvalues))
-    )
-
-
-def _lower_median(values: np.ndarray) -> float:
-    """The lower of the two middle values for an even count, as ``torch.median``."""
-    return float(np.sort(values)[(values.shape[0] - 1) // 2])
+        scale = float(eigenvalues.mean())
+    aligned = (eigenvectors.T @ preferences) / np.sqrt(eigenvalues)
+    return math.sqrt(scale) * (eigenvectors @ aligned)

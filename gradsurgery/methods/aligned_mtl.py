@@ -61,10 +61,9 @@ class AlignedMTL(Method):
         G = np.array(stats.gramian_rows, dtype=np.float64)
         num_tasks = G.shape[0]
         check_length(self.pref_vector, num_tasks)
-        preferences = np.ones(num_tasks) if self.pref_vector is None else np.array(self.pref_vector)
+        preferences = [1.0] * num_tasks if self.pref_vector is None else list(self.pref_vector)
         rtol = _AUTHORS_RTOL if self.rtol is None else self.rtol
-        weights = solve_aligned_mtl(G, preferences, self.scale_mode, rtol)
-        return Decision(weights=weights.tolist())
+        return Decision(weights=solve_aligned_mtl(G, preferences, self.scale_mode, rtol))
 
     def __repr__(self) -> str:
         return (

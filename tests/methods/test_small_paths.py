@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from gradsurgery import _linalg as L
 from gradsurgery._weighting import TaskStats
-from gradsurgery.functional import _cagrad, _dualproj, _imtlg, _mgda, _nash_mtl, _upgrad
+from gradsurgery.functional import (
+    _aligned_mtl,
+    _cagrad,
+    _dualproj,
+    _imtlg,
+    _mgda,
+    _nash_mtl,
+    _upgrad,
+)
 from gradsurgery.methods.dualproj import DualProj
 from gradsurgery.methods.imtlg import IMTLG
 from gradsurgery.methods.mgda import MGDA
@@ -20,7 +28,7 @@ from gradsurgery.methods.upgrad import UPGrad
 
 from ._gramian_properties import jacobians
 
-SMALL_MODULES = (L, _dualproj, _imtlg, _mgda, _upgrad)
+SMALL_MODULES = (L, _aligned_mtl, _dualproj, _imtlg, _mgda, _upgrad)
 
 
 def degenerate_jacobians() -> list[tuple[str, np.ndarray]]:
@@ -50,6 +58,14 @@ SOLVERS = {
     "upgrad-conditioned": lambda G: _upgrad.solve_upgrad(G, [1.0] * len(G), 1e-4, 1e-4),
     "dualproj": lambda G: _dualproj.solve_dualproj(G, [1.0 / len(G)] * len(G), 0.0, 0.0),
     "imtlg": _imtlg.solve_imtlg,
+    **{
+        f"aligned-mtl-{mode}": (
+            lambda G, mode=mode: _aligned_mtl.solve_aligned_mtl(
+                G, [1.0 + i for i in range(len(G))], mode, _aligned_mtl._AUTHORS_RTOL
+            )
+        )
+        for mode in _aligned_mtl.ALIGNED_MTL_SCALE_MODES
+    },
 }
 
 
