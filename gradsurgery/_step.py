@@ -88,6 +88,7 @@ class UpdatePipeline:
         self.process_group = process_group
         self.generator_shared = False  # across processes, once synchronized
         self.last_weights: list[float] | None = None
+        self._losses_reach_checked = False  # by a loss weighting, on its first step
 
     # -- the step ------------------------------------------------------------------------------
     def run(
@@ -142,10 +143,14 @@ class UpdatePipeline:
         write: bool,
     ) -> StepInfo:
         """A method that reads loss values only: one backward pass of ``sum_i w_i L_i``."""
-        if params is not None:
-            # A loss that reaches no optimized parameter would silently drop out of the update.
+        if params is not None and not self._losses_reach_checked:
+            # A loss that reaches no optimized parameter (another model's, a head left out of
+            # the optimizer) is a mistake made when the loop is written: refused on the first
+            # step. Later steps skip the walk (1-2% of a small model's step): such a loss then
+            # adds nothing, and the update stays the exact gradient of sum_i w_i L_i.
             wanted = {id(p) for p in params}
             _refuse_unreached([t for t, x in enumerate(losses) if not reaches_any(x, wanted)])
+            self._losses_reach_checked = True
         stats = TaskStats(losses=tuple(values))
         with self._rollback_on_error():
             decision = self.method.decide(stats)

@@ -153,7 +153,9 @@ BAD = {
 @pytest.mark.parametrize("name", IDS)
 def test_bad_input_raises_a_clear_error_and_changes_nothing(name, case):
     model, wrapper = build(name)
-    train(model, wrapper, range(2))  # optimizer and method state, and .grad, to protect
+    # A loss weighting checks the reach of the losses on its first step only (see the next test).
+    if not (case == "other-model" and FACTORIES[name](T).needs == gs.Needs.LOSSES):
+        train(model, wrapper, range(2))  # optimizer and method state, and .grad, to protect
     x, y = data(2)
     losses = bad_losses(case, model, x, y)
     before = everything(model, wrapper)
@@ -161,6 +163,26 @@ def test_bad_input_raises_a_clear_error_and_changes_nothing(name, case):
     with pytest.raises(error, match=message):
         wrapper.backward(losses)
     assert_unchanged(before, everything(model, wrapper))
+
+
+LOSS_WEIGHTINGS = [name for name in IDS if FACTORIES[name](T).needs == gs.Needs.LOSSES]
+
+
+@pytest.mark.parametrize("name", LOSS_WEIGHTINGS)
+def test_after_the_first_step_a_loss_that_reaches_nothing_adds_nothing(name):
+    # A loss weighting's update is the gradient of sum_i w_i L_i whatever the losses reach; the
+    # reach is checked on the first step only, where a wrong loop shows itself.
+    model, wrapper = build(name)
+    train(model, wrapper, range(2))
+    x, y = data(2)
+    wrapper.zero_grad()
+    info = wrapper.backward(bad_losses("other-model", model, x, y))
+    expected = torch.autograd.grad(
+        sum(w * loss for w, loss in zip(info.weights, model.losses(x, y)[:2], strict=False)),
+        list(model.parameters()),
+    )
+    for parameter, grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(parameter.grad, grad)
 
 
 @pytest.mark.parametrize("name", IDS)
