@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._autograd import task_jacobian, unique_tensors
+from .._autograd import _refuse_sparse, task_jacobian, unique_tensors
 from .._jacobian import FactoredGradients, TaskJacobian
 from .layers import linear_factors, no_rows
 from .plan import Buffer, Plan, PlanCache
-from .reach import task_reach
+from .reach import sole_tasks, task_reach
 from .recording import Call, Recorder, Recording, refuse_sample_mixing_layers
 
 
@@ -119,6 +119,7 @@ class BatchPartitionEngine:
         self._recorder = Recorder(model)
         self._plans = PlanCache(factored, trust_ambiguous=verify != "never")
         self._last_plan: Plan | None = None
+        self._last_sole: frozenset[int] = frozenset()  # ids of the last step's sole parameters
 
     def record(
         self, task_sizes: Sequence[int]
@@ -154,10 +155,17 @@ class BatchPartitionEngine:
         if self._last_plan is None:
             return {}
         names = {module: name for name, module in self.model.named_modules()}
+        asked = {id(p) for p in self._last_plan.params}
         return {
             names.get(module, type(module).__name__): reason
             for module, reason in self._last_plan.slow_layers.items()
+            if not self._took_single_backward(module, asked)
         }
+
+    def _took_single_backward(self, module: nn.Module, asked: set[int]) -> bool:
+        """Whether one task alone reached each of the layer's parameters asked for last step."""
+        own = [id(p) for _, p in self._recorder.owned.get(module, ()) if id(p) in asked]
+        return bool(own) and self._last_sole.issuperset(own)
 
     def remove(self) -> None:
         """Remove the engine's hooks from the model and free the matrix it keeps for reuse."""
@@ -217,8 +225,13 @@ class BatchPartitionEngine:
         if plan is not self._last_plan:
             self._last_plan = plan
             self._warn_unmatched_rows(plan, calls, sizes)
+        # Slow-path parameters one task's loss alone reaches (per-task heads on their task's
+        # rows, of any layer): the single backward's gradient of each is that task's.
+        sole = sole_tasks(losses, params, plan.slow_columns) if plan.slow_columns else {}
+        self._last_sole = frozenset(id(params[k]) for k in sole)
+        pattern = (id(plan), tuple(sole.items()))  # a new assignment is checked anew
         verify = self.verify == "always" or (
-            self.verify == "first" and id(plan) not in self._plans.verified
+            self.verify == "first" and pattern not in self._plans.verified
         )
 
         # Large Linear weights stay factored (inputs and output gradients); the rest is written
@@ -230,16 +243,22 @@ class BatchPartitionEngine:
         reached = None  # every task reaches every parameter: the usual case
         # Per-task heads read by their own loss only: the walk needs the graph whole.
         reach = task_reach(losses, calls, plan.fast) if num_tasks > 1 and plan.fast else None
-        if plan.slow_columns:  # first, while the graph is whole; the single backward frees it
-            slow_params = [params[k] for k in plan.slow_columns]
+        if plan.slow_columns:
+            reached = np.zeros((num_tasks, len(params)), dtype=bool)
+            for k, t in sole.items():
+                reached[t, k] = True
+        per_task = [k for k in plan.slow_columns if k not in sole] if sole else plan.slow_columns
+        if per_task:  # first, while the graph is whole; the single backward frees it
+            slow_params = [params[k] for k in per_task]
             slow = task_jacobian(losses, slow_params, retain_graph=True)
             slow_blocks = slow.matrix.split([p.numel() for p in slow_params], dim=1)
-            for k, block in zip(plan.slow_columns, slow_blocks, strict=True):
+            for k, block in zip(per_task, slow_blocks, strict=True):
                 blocks[plan.dense_slot[k]].copy_(block)
-            reached = np.zeros((num_tasks, len(params)), dtype=bool)
-            reached[:, plan.slow_columns] = slow.reached
+            reached[:, per_task] = slow.reached
         # A check needs the graph afterwards: its autograd calls free it, unless retain_graph.
-        written, factors = self._fast_path(plan, calls, losses, buffer, retain_graph or verify)
+        written, factors = self._fast_path(
+            plan, calls, losses, params, sole, buffer, retain_graph or verify
+        )
         factored = {}
         for k in plan.factored_weight.values():
             rows = factors.get(k)
@@ -268,8 +287,8 @@ class BatchPartitionEngine:
                     if module in layers:
                         reached[t, columns] = True
         jacobian = TaskJacobian(matrix, reached, plan.numels, factored)
-        if verify and self._agrees(losses, params, jacobian, plan, calls, retain_graph):
-            self._plans.verified.add(id(plan))
+        if verify and self._agrees(losses, params, jacobian, plan, sole, calls, retain_graph):
+            self._plans.verified.add(pattern)
         return jacobian
 
     def _agrees(
@@ -278,17 +297,19 @@ class BatchPartitionEngine:
         params: Sequence[Tensor],
         fast: TaskJacobian,
         plan: Plan,
+        sole: dict[int, int],
         calls: dict[nn.Module, list[Call]],
         retain_graph: bool,
     ) -> bool:
-        """Raise if the fast path's gradients differ from per-task autograd's; whether the
-        check could judge (finite gradients).
+        """Raise if the single backward's gradients differ from per-task autograd's; whether
+        the check could judge (finite gradients).
 
-        Task by task, on the fast path's parameters only (the slow path's come from autograd
-        already): the check holds one task's gradient at a time, never a second ``[T, P]``
-        matrix, so a factored layer stays factored.
+        Task by task, on the parameters the single backward attributed (the fast path's and
+        the ``sole`` ones; the slow path's come from autograd already): the check holds one
+        task's gradient at a time, never a second ``[T, P]`` matrix, so a factored layer
+        stays factored.
         """
-        columns = [k for k in sorted(plan.fast_columns) if params[k].numel()]
+        columns = [k for k in sorted(plan.fast_columns | sole.keys()) if params[k].numel()]
         if not columns:
             return True
         dense = fast.dense.split(plan.dense_numels, dim=1)
@@ -364,24 +385,33 @@ class BatchPartitionEngine:
         plan: Plan,
         calls: dict[nn.Module, list[Call]],
         losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        sole: dict[int, int],
         buffer: Buffer,
         retain_graph: bool,
     ) -> tuple[set[int], dict[int, list[tuple[Tensor, Tensor, Tensor]]]]:
-        """One backward pass of ``sum_i L_i`` to the recorded outputs, split by task.
+        """One backward pass of ``sum_i L_i`` to the recorded outputs and the ``sole``
+        parameters, split by task.
 
-        Writes the dense per-task gradients into ``buffer``; returns the columns written and,
-        per factored column, the rows (inputs, output gradients, tasks) of each call.
+        Writes the dense per-task gradients into ``buffer``; returns the fast-path columns
+        written and, per factored column, the rows (inputs, output gradients, tasks) of each
+        call.
         """
         blocks, views = buffer.blocks, buffer.in_place
         sizes = self._recorder.task_sizes
         assert sizes is not None
         outputs = [call.output for module in plan.fast for call in calls[module]]
         grads: Sequence[Tensor | None] = ()
-        if outputs:
+        if outputs or sole:
             # The gradient of sum_i L_i: autograd adds up the losses' gradients itself.
             grads = torch.autograd.grad(
-                losses, outputs, retain_graph=retain_graph, allow_unused=True
+                losses,
+                outputs + [params[k] for k in sole],
+                retain_graph=retain_graph,
+                allow_unused=True,
             )
+        if sole:
+            self._write_sole(plan, params, sole, grads[len(outputs) :], buffer)
         output_grads = iter(grads)
         written: set[int] = set()
         factors: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
@@ -418,6 +448,25 @@ class BatchPartitionEngine:
         for k in plan.fast_dense_columns - written:  # layers the losses never reached
             blocks[plan.dense_slot[k]].zero_()
         return written, factors
+
+    @staticmethod
+    def _write_sole(
+        plan: Plan,
+        params: Sequence[Tensor],
+        sole: dict[int, int],
+        grads: Sequence[Tensor | None],
+        buffer: Buffer,
+    ) -> None:
+        """Row ``t`` of a parameter only task ``t`` reaches is the single backward's gradient;
+        the other tasks' rows are zero."""
+        for (k, t), grad in zip(sole.items(), grads, strict=True):
+            block = buffer.blocks[plan.dense_slot[k]]
+            block.zero_()
+            if grad is None:
+                continue
+            if grad.layout != torch.strided:  # an Embedding with sparse=True
+                _refuse_sparse(params, [grad if j == k else None for j in range(len(params))])
+            block[t].copy_(grad.reshape(-1))
 
 
 def _relative_tolerance(

@@ -6,6 +6,11 @@ its own head's output only, so a head is reached by its own task although the si
 writes (zero) gradients for every task. In the usual model every loss reads the same recorded
 outputs: the walk goes down from the losses only to the first recorded outputs and finds
 each reached by every task; only otherwise does it go on through the layers.
+
+A parameter that only one task's loss reaches (a per-task head on its task's rows, any layer)
+needs no attribution by rows: the single backward pass's gradient of it is that task's
+gradient, and every other task's is zero. :func:`sole_tasks` finds those parameters by a walk
+over the whole graph, layers included, so that no use of a parameter is missed.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import heapq
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .recording import Call
+
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad  # a leaf's node in the graph
 
 
 def task_reach(
@@ -42,6 +50,28 @@ def task_reach(
             if mask >> t & 1:
                 layers.add(module)
     return reach
+
+
+def sole_tasks(
+    losses: Sequence[Tensor], params: Sequence[Tensor], columns: Sequence[int]
+) -> dict[int, int]:
+    """The ``columns`` (indices into ``params``) whose parameter one task's loss alone
+    reaches, and that task.
+
+    A leaf's node (``AccumulateGrad``) is where autograd adds up every use of the leaf, so
+    its tasks are the tasks of every use. A column the walk cannot place (a parameter that is
+    not a leaf, or that no loss reaches) is left out: it keeps the per-task path.
+    """
+    masks = _task_masks(losses, {}, None)
+    leaves = {
+        id(node.variable): mask for node, mask in masks.items() if type(node) is _ACCUMULATE_GRAD
+    }
+    sole = {}
+    for k in columns:
+        mask = leaves.get(id(params[k]), 0)
+        if mask and not mask & (mask - 1):  # exactly one bit: one task
+            sole[k] = mask.bit_length() - 1
+    return sole
 
 
 def _task_masks(
