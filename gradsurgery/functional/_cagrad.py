@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from .._linalg import (
     ldl_factor,
     ldl_solve,
     min_norm_simplex,
+    min_norm_simplex_small,
     scale_of,
 )
 
@@ -78,20 +80,48 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
     c = check_number(c, "c")
     if rescale not in CAGRAD_RESCALES:
         raise ValueError(f"rescale must be one of {CAGRAD_RESCALES}, got {rescale!r}")
-    return torch.from_numpy(solve_cagrad(G, c, rescale))
+    return torch.from_numpy(np.array(solve_cagrad(G, c, rescale)))
 
 
-def solve_cagrad(G: np.ndarray, c: float, rescale: int) -> np.ndarray:
+def solve_cagrad(G: np.ndarray, c: float, rescale: int) -> list[float]:
     """:func:`cagrad_weights` of a checked Gramian and hyper-parameters."""
     num_tasks = G.shape[0]
+    divisor = (1.0, 1.0 + c * c, 1.0 + c)[rescale]
+    if num_tasks <= _PYTHON_MAX_SIZE:
+        weights = _small_weights(G.tolist(), c)
+        if weights is not None:
+            return [weight / divisor for weight in weights]
     mean = np.full(num_tasks, 1.0 / num_tasks)
     scale = scale_of(G)
     weights = mean
     if c > 0 and scale > 0:
         G = G / scale  # the weights do not change when G is scaled
         weights = mean + _ball_step(G, mean, c)
-    divisor = (1.0, 1.0 + c * c, 1.0 + c)[rescale]
-    return weights / divisor
+    return (weights / divisor).tolist()
+
+
+def _small_weights(G: list[list[float]], c: float) -> list[float] | None:
+    """:func:`solve_cagrad`'s weights before rescaling, on Python floats; ``None`` where the
+    support guesses do not settle (the NumPy path then brackets the root)."""
+    num_tasks = len(G)
+    mean = [1.0 / num_tasks] * num_tasks
+    scale = max([G[i][i] for i in range(num_tasks)])
+    if not (c > 0 and scale > 0):
+        return mean
+    G = [[value / scale for value in row] for row in G]
+    mean_gram = [sum(row) / num_tasks for row in G]  # g_i . g_0
+    g0_squared = sum(mean_gram) / num_tasks
+    if g0_squared <= 1e-30:
+        return mean
+    hull = _SmallShiftedHull(G, mean_gram, g0_squared, c * math.sqrt(g0_squared))
+    solution = hull.solve_by_supports()
+    if solution is None:
+        return None
+    w, norm = solution
+    if norm <= _VANISHING_NORM:  # as in _ball_step
+        return mean
+    step = hull.radius / norm
+    return [m + step * w_i for m, w_i in zip(mean, w, strict=True)]
 
 
 def _ball_step(G: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:
@@ -262,3 +292,93 @@ class _ShiftedHull:
                     f_low /= 2.0
                 side = 1
         raise SolverError(f"CAGrad's dual did not converge in {_MAX_ITER} iterations")
+
+
+class _SmallShiftedHull:
+    """:meth:`_ShiftedHull.solve_by_supports` on Python floats, for at most
+    ``_PYTHON_MAX_SIZE`` tasks: the same support guesses, affine minimizers, roots and
+    optimality test, without NumPy's per-call cost. ``None`` wherever the NumPy version could
+    take another way (a singular face, no single root, no support within the rounds): the
+    caller then runs that version, which brackets the root if it must."""
+
+    def __init__(
+        self, G: list[list[float]], mean_gram: list[float], g0_squared: float, radius: float
+    ):
+        self.G, self.mean_gram, self.g0_squared, self.radius = G, mean_gram, g0_squared, radius
+        self.singular = 1e3 * len(self.G) * _EPS * max(1.0, _largest_magnitude(self.G))
+
+    def shifted(self, s: float) -> list[list[float]]:
+        m, constant = self.mean_gram, s * s * self.g0_squared
+        return [
+            [value + s * (m_i + m_j) + constant for value, m_j in zip(row, m, strict=True)]
+            for row, m_i in zip(self.G, m, strict=True)
+        ]
+
+    def solve_by_supports(self) -> tuple[list[float], float] | None:
+        num_tasks = len(self.G)
+        s = 1.0 / self.radius
+        for _ in range(num_tasks + 2):
+            w = min_norm_simplex_small(self.shifted(s))
+            support = [i for i in range(num_tasks) if w[i] > 0]
+            affine = self._affine_on(support)
+            if affine is None:
+                return None
+            p, q = affine
+            root = self._fixed_point(p, q)
+            if root is None:
+                return None
+            w = [p_i + root * q_i for p_i, q_i in zip(p, q, strict=True)]
+            if self._is_optimal(w, root):
+                norm = math.sqrt(max(_quadratic(self.G, w, w), 0.0))
+                return [max(w_i, 0.0) for w_i in w], norm
+            s = root
+        return None
+
+    def _affine_on(self, support: list[int]) -> tuple[list[float], list[float]] | None:
+        """As :meth:`_ShiftedHull._affine_by_elimination`."""
+        factors = ldl_factor(self.G, support, self.singular)
+        if factors is None:
+            return None
+        a = ldl_solve(*factors, [1.0] * len(support))
+        b = ldl_solve(*factors, [-self.mean_gram[i] for i in support])
+        total = sum(a)
+        if not total > 0:  # pragma: no cover - as in _affine_by_elimination
+            return None
+        shift = sum(b) / total
+        p, q = [0.0] * len(self.G), [0.0] * len(self.G)
+        for i, a_i, b_i in zip(support, a, b, strict=True):
+            p[i], q[i] = a_i / total, b_i - shift * a_i
+        return p, q
+
+    def _fixed_point(self, p: list[float], q: list[float]) -> float | None:
+        """As :meth:`_ShiftedHull._fixed_point`."""
+        a = _quadratic(self.G, q, q) - self.radius**2
+        b = 2.0 * _quadratic(self.G, p, q)
+        c = _quadratic(self.G, p, p)
+        if abs(a) < 1e-14:
+            return -c / b if b < 0 else None
+        discriminant = b * b - 4.0 * a * c
+        if discriminant < 0:
+            return None
+        roots = [(-b + sign * math.sqrt(discriminant)) / (2.0 * a) for sign in (1.0, -1.0)]
+        positive = [root for root in roots if root > 0]
+        return positive[0] if len(positive) == 1 else None
+
+    def _is_optimal(self, w: list[float], s: float) -> bool:
+        """As :meth:`_ShiftedHull._is_optimal`."""
+        shifted = self.shifted(s)
+        tolerance = 1e-10 * max(1.0, _largest_magnitude(shifted))
+        if min(w) < -tolerance:
+            return False
+        products = [sum(map(operator.mul, row, w)) for row in shifted]
+        level = sum(map(operator.mul, w, products)) - tolerance
+        return all(product >= level for product in products)
+
+
+def _quadratic(G: list[list[float]], x: list[float], y: list[float]) -> float:
+    """``x^T G y`` on Python floats."""
+    return sum([x_i * sum(map(operator.mul, row, y)) for row, x_i in zip(G, x, strict=True)])
+
+
+def _largest_magnitude(G: list[list[float]]) -> float:
+    return max([max(map(abs, row)) for row in G])

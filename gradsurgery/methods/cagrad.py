@@ -47,8 +47,7 @@ class CAGrad(Method):
 
     def decide(self, stats: TaskStats) -> Decision:
         G = np.array(stats.gramian_rows, dtype=np.float64)
-        weights = solve_cagrad(G, self.c, self.rescale)
-        return Decision(weights=weights.tolist())
+        return Decision(weights=solve_cagrad(G, self.c, self.rescale))
 
     def __repr__(self) -> str:
         return f"CAGrad(c={self.c}, rescale={self.rescale})"

@@ -28,7 +28,7 @@ from gradsurgery.methods.upgrad import UPGrad
 
 from ._gramian_properties import jacobians
 
-SMALL_MODULES = (L, _aligned_mtl, _dualproj, _imtlg, _mgda, _upgrad)
+SMALL_MODULES = (L, _aligned_mtl, _cagrad, _dualproj, _imtlg, _mgda, _upgrad)
 
 
 def degenerate_jacobians() -> list[tuple[str, np.ndarray]]:
@@ -58,6 +58,8 @@ SOLVERS = {
     "upgrad-conditioned": lambda G: _upgrad.solve_upgrad(G, [1.0] * len(G), 1e-4, 1e-4),
     "dualproj": lambda G: _dualproj.solve_dualproj(G, [1.0 / len(G)] * len(G), 0.0, 0.0),
     "imtlg": _imtlg.solve_imtlg,
+    "cagrad": lambda G: _cagrad.solve_cagrad(G, 0.4, 0),
+    "cagrad-wide": lambda G: _cagrad.solve_cagrad(G, 5.0, 0),
     **{
         f"aligned-mtl-{mode}": (
             lambda G, mode=mode: _aligned_mtl.solve_aligned_mtl(
@@ -69,9 +71,15 @@ SOLVERS = {
 }
 
 
+CAGRAD_RADII = {"cagrad": 0.4, "cagrad-wide": 5.0}
+
+
 def agree(G: np.ndarray, python: list[float], numpy: list[float], name: str) -> None:
     """The same update ``J^T w``, measured in the norm of ``G``, to rounding amplified by the
     condition number of ``G`` on its range (the two paths factor differently)."""
+    if name in CAGRAD_RADII:
+        both_cagrad_optimal(G, np.array(python), np.array(numpy), CAGRAD_RADII[name])
+        return
     eigenvalues = np.linalg.eigvalsh(G)
     kept = eigenvalues[eigenvalues > len(G) * np.finfo(np.float64).eps * eigenvalues.max()]
     condition = kept.max() / kept.min() if kept.size else 1.0
@@ -79,8 +87,29 @@ def agree(G: np.ndarray, python: list[float], numpy: list[float], name: str) -> 
     difference = np.array(python) - np.array(numpy)
     scale = max(float(np.array(numpy) @ G @ np.array(numpy)), float(G.diagonal().max()), 1e-300)
     assert float(difference @ G @ difference) <= tolerance**2 * scale, name
-    if condition < 1e6 and name != "mgda":  # MGDA's w is unique only up to the null space
+    # Unique weights: a full-rank G (else only J^T w is unique), and not MGDA's (whose w is
+    # unique only up to the null space of G + 1 1^T).
+    if condition < 1e6 and kept.size == len(G) and name != "mgda":
         np.testing.assert_allclose(python, numpy, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def both_cagrad_optimal(G: np.ndarray, python: np.ndarray, numpy: np.ndarray, c: float) -> None:
+    """CAGrad's problem, max min_i g_i . d over ||d - g_0|| <= c ||g_0||, can have many
+    maximizers (a zero gradient makes every d with J d >= 0 one): both updates lie in the ball
+    and reach the same worst-task value."""
+    mean = np.full(len(G), 1.0 / len(G))
+    scale = max(float(G.diagonal().max()), 1e-300)
+    hull_minimum = L.min_norm_simplex(G)
+    if float(hull_minimum @ G @ hull_minimum) <= 1e-8 * scale:
+        # 0 in the hull of the gradients: the value is 0 and which d reaches it turns on the
+        # vanishing-norm guard's threshold, where rounding decides.
+        return
+    for w in (python, numpy):
+        offset = w - mean
+        radius_squared = c * c * float(mean @ G @ mean)
+        assert float(offset @ G @ offset) <= radius_squared * (1 + 1e-7) + 1e-12 * scale
+    worst_python, worst_numpy = float((G @ python).min()), float((G @ numpy).min())
+    assert abs(worst_python - worst_numpy) <= 1e-7 * scale
 
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
