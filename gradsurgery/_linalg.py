@@ -257,7 +257,7 @@ def _nnls_gram_exchange(
         indices = [i for i in everything if passive[i]]
         z = [0.0] * n
         if indices:
-            sub = _cholesky_solve(matrix, indices, target, singular)
+            sub = solve_psd_block(matrix, indices, target, singular)
             if sub is None:
                 return None
             for i, value in zip(indices, sub, strict=True):
@@ -285,7 +285,7 @@ def _nnls_gram_exchange(
     return None
 
 
-def _cholesky_solve(
+def solve_psd_block(
     matrix: list[list[float]], indices: list[int], rhs: list[float], singular: float
 ) -> list[float] | None:
     """``M_PP^-1 b_P`` for the PSD block of ``matrix`` on ``indices`` (an LDL^T factorization);
@@ -305,6 +305,26 @@ def _cholesky_solve(
             return None
         determinant = a * schur
         return [(d * rhs[i] - b * rhs[j]) / determinant, (a * rhs[j] - b * rhs[i]) / determinant]
+    if size == 3:  # ldl_factor and ldl_solve unrolled: the Newton systems of three tasks
+        i, j, k = indices
+        row_i, row_j, row_k = matrix[i], matrix[j], matrix[k]
+        d0 = row_i[i]
+        if d0 <= singular:
+            return None
+        l10, l20 = row_j[i] / d0, row_k[i] / d0
+        d1 = row_j[j] - l10 * row_j[i]
+        if d1 <= singular:
+            return None
+        l21 = (row_k[j] - l20 * row_j[i]) / d1
+        d2 = row_k[k] - l20 * row_k[i] - l21 * l21 * d1
+        if d2 <= singular:
+            return None
+        y0 = rhs[i]
+        y1 = rhs[j] - l10 * y0
+        y2 = rhs[k] - l20 * y0 - l21 * y1
+        x2 = y2 / d2
+        x1 = y1 / d1 - l21 * x2
+        return [y0 / d0 - l10 * x1 - l20 * x2, x1, x2]
     factors = ldl_factor(matrix, indices, singular)
     if factors is None:
         return None

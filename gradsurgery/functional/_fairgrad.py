@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._linalg import as_gramian, check_number, check_positive_int, ldl_factor, ldl_solve
+from .._linalg import as_gramian, check_number, check_positive_int, solve_psd_block
 
 __all__ = ["fairgrad_weights"]
 
@@ -165,10 +165,9 @@ def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: i
         hessian = [row[:] for row in A]
         for i in indices:
             hessian[i][i] += p * target[i] / w[i]
-        factors = ldl_factor(hessian, indices, 0.0)
-        if factors is None:  # the weights grew until the barrier vanished: no root
+        step = solve_psd_block(hessian, indices, [-r for r in residual], 0.0)
+        if step is None:  # the weights grew until the barrier vanished: no root
             break
-        step = ldl_solve(*factors, [-r for r in residual])
         if converged:  # one more full step: Newton's quadratic rate takes it to rounding level
             polished = [wi + si for wi, si in zip(w, step, strict=True)]
             w = polished if min(polished) > 0 else w

@@ -15,8 +15,7 @@ from .._linalg import (
     as_task_vector,
     check_number,
     check_positive_int,
-    ldl_factor,
-    ldl_solve,
+    solve_psd_block,
 )
 
 __all__ = ["NashMTLNoSolutionError", "nash_mtl_weights"]
@@ -196,10 +195,9 @@ def _solve_bargaining_small(
         hessian = [row[:] for row in normalized]
         for k in indices:
             hessian[k][k] += 1.0 / (alpha[k] * alpha[k])
-        factors = ldl_factor(hessian, indices, 0.0)
-        if factors is None:
+        step = solve_psd_block(hessian, indices, gradient, 0.0)
+        if step is None:
             raise _no_solution(iterations, "the Newton system is singular")
-        step = ldl_solve(*factors, gradient)
         decrement_squared = sum(map(float.__mul__, gradient, step))
         if not math.isfinite(decrement_squared):
             raise _no_solution(iterations, "the Newton step is not finite")

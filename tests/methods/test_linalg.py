@@ -170,16 +170,39 @@ def test_exchange_needs_fewer_solves_than_one_column_at_a_time():
     M = np.array([[1.0, 0.2, 0.1], [0.2, 1.0, 0.3], [0.1, 0.3, 1.0]])
     c = np.array([1.0, 1.0, 1.0])
     solves = []
-    original = L._cholesky_solve
+    original = L.solve_psd_block
 
     def counting(*args):
         solves.append(args[1])
         return original(*args)
 
-    L._cholesky_solve = counting
+    L.solve_psd_block = counting
     try:
         z = L.nnls_gram(M, c)
     finally:
-        L._cholesky_solve = original
+        L.solve_psd_block = original
     np.testing.assert_allclose(z, np.linalg.solve(M, c), rtol=1e-14)
     assert solves == [[0, 1, 2]]
+
+
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1), st.booleans())
+def test_psd_block_solve_matches_numpy(size, seed, singular):
+    """Every size of the block solve (the unrolled ones up to three included), on a block in
+    the middle of a larger matrix; None on a singular block."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((size + 2, size + 2 + (0 if singular else 3)))
+    if singular:
+        A[2] = A[1]  # two equal rows: their Gram block is singular
+    M = A @ A.T / float((A * A).sum(axis=1).max())
+    indices = list(range(1, size + 1))
+    rhs = rng.standard_normal(size + 2)
+    _, threshold = L._tolerances(size, 1.0)
+    solution = L.solve_psd_block(M.tolist(), indices, rhs.tolist(), threshold)
+    block = M[np.ix_(indices, indices)]
+    if singular and size >= 2:
+        assert solution is None
+        return
+    assert solution is not None
+    np.testing.assert_allclose(
+        block @ np.array(solution), rhs[indices], atol=1e-10 * np.abs(rhs).max()
+    )
