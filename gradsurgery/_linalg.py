@@ -431,17 +431,41 @@ def _cholesky_solve_rows(
     matrix: np.ndarray, targets: np.ndarray, passive: np.ndarray, singular: float
 ) -> np.ndarray | None:
     """Each row's ``M_PP x_P = c_P`` (``x = 0`` off ``P``) by one batched Cholesky
-    factorization (a row's block padded with the identity); ``None`` when a pivot is at or
-    below ``singular``. Through torch, which honours ``torch.set_num_threads``."""
-    outer = passive[:, :, None] & passive[:, None, :]
-    blocks = np.where(outer, matrix[None], 0.0)
-    diagonal = np.arange(matrix.shape[0])
-    blocks[:, diagonal, diagonal] += ~passive
+    factorization; ``None`` when a pivot is at or below ``singular``. Beyond
+    ``_GATHER_MIN_SIZE`` variables each row's passive coordinates are gathered first, into
+    blocks as large as the largest passive set (padded with the identity): at ``T = 50`` the
+    sets hold about half the tasks, and the work goes with the cube of the block size (6.5 ->
+    4.2 ms for UPGrad). Through torch, which honours ``torch.set_num_threads``."""
+    n = matrix.shape[0]
+    counts = passive.sum(axis=1)
+    size = int(counts.max())
+    every_row = np.arange(targets.shape[0])[:, None]
+    order = None
+    if n > _GATHER_MIN_SIZE and size < n:  # each row's passive indices first, in order
+        order = np.argsort(~passive, axis=1, kind="stable")[:, :size]
+        inside = np.arange(size) < counts[:, None]
+        blocks = matrix[order[:, :, None], order[:, None, :]]
+        rhs = targets[every_row, order]
+    else:
+        size, inside, blocks, rhs = n, passive, matrix[None], targets
+    blocks = np.where(inside[:, :, None] & inside[:, None, :], blocks, 0.0)
+    diagonal = np.arange(size)
+    blocks[:, diagonal, diagonal] += ~inside  # the identity off each row's passive set
     factor, info = torch.linalg.cholesky_ex(torch.from_numpy(blocks))
     if bool(info.any()) or float(factor.diagonal(dim1=-2, dim2=-1).min()) ** 2 <= singular:
         return None
-    rhs = torch.from_numpy(np.where(passive, targets, 0.0)[:, :, None])
-    return torch.cholesky_solve(rhs, factor)[:, :, 0].numpy()
+    rhs = torch.from_numpy(np.where(inside, rhs, 0.0)[:, :, None])
+    compact = np.where(inside, torch.cholesky_solve(rhs, factor)[:, :, 0].numpy(), 0.0)
+    if order is None:
+        return compact
+    solution = np.zeros_like(targets)
+    solution[every_row, order] = compact
+    return solution
+
+
+# Above this many variables the batched solves gather each row's passive block first (the
+# gathering costs more than it saves on small blocks: T = 10 took 20% longer).
+_GATHER_MIN_SIZE = 16
 
 
 def _nnls_gram_rows_lawson_hanson(

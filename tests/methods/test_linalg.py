@@ -206,3 +206,37 @@ def test_psd_block_solve_matches_numpy(size, seed, singular):
     np.testing.assert_allclose(
         block @ np.array(solution), rhs[indices], atol=1e-10 * np.abs(rhs).max()
     )
+
+
+@given(st.integers(L._GATHER_MIN_SIZE + 1, 30), st.integers(0, 2**31 - 1))
+def test_gathered_passive_blocks_solve_as_padded_ones(n, seed):
+    """Beyond _GATHER_MIN_SIZE each row's passive block is gathered before the batched
+    Cholesky: the same solutions as the blocks padded to full size."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n + 5))
+    M = A @ A.T / float((A * A).sum(axis=1).max())
+    C = rng.standard_normal((4, n))
+    passive = rng.random((4, n)) < rng.uniform(0.1, 0.9)
+    passive[0] = False  # a row with nothing passive
+    gathered = L._cholesky_solve_rows(M, C, passive, 0.0)
+    size = L._GATHER_MIN_SIZE
+    try:
+        L._GATHER_MIN_SIZE = n
+        padded = L._cholesky_solve_rows(M, C, passive, 0.0)
+    finally:
+        L._GATHER_MIN_SIZE = size
+    assert gathered is not None and padded is not None
+    np.testing.assert_allclose(gathered, padded, rtol=1e-9, atol=1e-12)
+    assert (gathered[~passive] == 0).all()
+
+
+@given(st.integers(L._GATHER_MIN_SIZE + 1, 30), st.integers(0, 2**31 - 1))
+def test_many_rows_of_many_variables_match_one_by_one(n, seed):
+    """The lockstep exchange method where its blocks are gathered (UPGrad at T > 16)."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n + 3, n)) * 10.0 ** rng.uniform(-1, 1, size=(1, n))
+    scale = float((A * A).sum(axis=0).max())
+    M = A.T @ A / scale
+    C = -(np.eye(n)[: min(n, 8)] @ M)  # UPGrad's targets: -G u for u = e_i
+    for z, c in zip(L.nnls_gram_rows(M, C), C, strict=True):
+        assert_same_minimum(M, c, z, L.nnls_gram(M, c))
