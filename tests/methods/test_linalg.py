@@ -240,3 +240,15 @@ def test_many_rows_of_many_variables_match_one_by_one(n, seed):
     C = -(np.eye(n)[: min(n, 8)] @ M)  # UPGrad's targets: -G u for u = e_i
     for z, c in zip(L.nnls_gram_rows(M, C), C, strict=True):
         assert_same_minimum(M, c, z, L.nnls_gram(M, c))
+
+
+@given(st.integers(L._GATHER_MIN_SIZE + 1, 30), st.integers(0, 2**31 - 1))
+def test_one_projection_of_many_variables_matches_lawson_hanson(n, seed):
+    """DualProj's single projection beyond _GATHER_MIN_SIZE tasks runs the batched exchange."""
+    rng = np.random.default_rng(seed)
+    J = rng.standard_normal((n, n + 3)) * 10.0 ** rng.uniform(-1, 1, size=(n, 1))
+    G = J @ J.T
+    u = np.full(n, 1.0 / n)
+    v = L.project_dual_cone(G, u)
+    M = G / float(G.diagonal().max())
+    assert_same_minimum(M, -(M @ u), v - u, L.nnls_gram(M, -(M @ u), max_iter=3 * n))

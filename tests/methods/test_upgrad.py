@@ -130,3 +130,15 @@ def test_method():
     with pytest.raises(ValueError, match="reg_eps"):
         UPGrad(reg_eps=-1e-4)
     assert repr(UPGrad()) == "UPGrad(pref_vector=None, norm_eps=0.0, reg_eps=0.0)"
+
+
+@pytest.mark.parametrize("num_tasks", [17, 30, 50])
+def test_agrees_with_torchjd_beyond_the_gathering_size(num_tasks):
+    """Past 16 tasks the T projections gather each one's passive block before the batched
+    solve: still torchjd's weights with its conditioning, and no conflict without it."""
+    g = torch.Generator().manual_seed(num_tasks)
+    J = torch.randn(num_tasks, 200, dtype=torch.float64, generator=g)
+    J *= 10.0 ** (2 * torch.rand(num_tasks, 1, dtype=torch.float64, generator=g) - 1)
+    G = J @ J.T
+    assert relative_error(upgrad_weights(G, **TORCHJD_EPS), UPGradWeighting()(G)) < 1e-9
+    assert_no_conflict(G, upgrad_weights(G))
