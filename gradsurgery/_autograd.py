@@ -262,6 +262,28 @@ def reaches_any(root: Tensor, wanted: Collection[int]) -> bool:
     return False
 
 
+def seeded_grad(
+    outputs: Sequence[Tensor], seeds: Sequence[Tensor], inputs: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)``, straight from the
+    engine for plain tensors.
+
+    ``torch.autograd.grad`` checks every seed's shape and dtype and every input in Python:
+    about a tenth of a small model's step. The pipeline makes its seeds itself (0-dim, each
+    of its loss's dtype and device) and its inputs are parameters, so those checks cannot
+    fail; tensor subclasses and torch function modes, which need torch's dispatch, take
+    ``torch.autograd.grad``.
+    """
+    if (
+        _RUN_BACKWARD is None
+        or torch._C._is_torch_function_mode_enabled()
+        or not all(type(t) in _PLAIN for t in outputs)
+        or not all(type(t) in _PLAIN for t in inputs)
+    ):
+        return torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)
+    return _RUN_BACKWARD(tuple(outputs), tuple(seeds), False, False, tuple(inputs), True, False)
+
+
 def _follow(node: Any, bypass: dict[Any, Any]) -> Any:
     for _ in range(len(bypass) + 1):  # chains: a layer called on its own output
         if node not in bypass:
@@ -274,6 +296,9 @@ def _follow(node: Any, bypass: dict[Any, Any]) -> Any:
 
 
 _AccumulateGrad = torch._C._functions.AccumulateGrad
+# The C++ engine's entry point behind torch.autograd.grad (torch >= 2.3); None before.
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def unique_tensors(tensors: list[Tensor]) -> list[Tensor]:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._autograd import AutogradEngine, graph_leaves, reaches_any
+from ._autograd import AutogradEngine, graph_leaves, reaches_any, seeded_grad
 from ._distributed import synchronizer
 from ._grads import accumulate_grads, all_finite, fresh_all_finite
 from ._info import StepInfo
@@ -524,7 +524,7 @@ def _weighted_gradient(
             torch.tensor(w, dtype=x.dtype, device=x.device)
             for w, x in zip(weights, losses, strict=True)
         )
-    found = torch.autograd.grad(losses, params, grad_outputs=seeds, allow_unused=True)
+    found = seeded_grad(losses, seeds, params)
     targets = [p for p, g in zip(params, found, strict=True) if g is not None]
     return targets, [g for g in found if g is not None]
 

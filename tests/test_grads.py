@@ -1,12 +1,16 @@
-"""The finiteness checks the pipeline runs on every update before it writes ``.grad``."""
+"""The pipeline's gradient helpers: the weighted gradient straight from the engine, and the
+finiteness checks it runs on every update before it writes ``.grad``."""
 
 from __future__ import annotations
+
+import contextlib
 
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
 
+from gradsurgery._autograd import seeded_grad
 from gradsurgery._grads import all_finite, fresh_all_finite
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -47,3 +51,33 @@ def test_an_expanded_gradient_takes_the_per_tensor_check(bad):
     expanded = torch.tensor(bad).expand(5)
     assert not fresh_all_finite([torch.ones(3), expanded])
     assert fresh_all_finite([torch.ones(3), torch.tensor(2.0).expand(5)])
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["plain", "subclass", "function-mode"])
+def test_seeded_grad_is_autograd_grad(kind):
+    torch.manual_seed(0)
+    body, head, unused = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    params = [*body.parameters(), *head.parameters(), *unused.parameters()]
+    seeds = [torch.tensor(0.25), torch.tensor(-1.5)]
+
+    def losses():
+        out = head(torch.tanh(body(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)))))
+        found = [out[:, 0].pow(2).mean(), out[:, 1].mean()]
+        return [x.as_subclass(_Subclass) for x in found] if kind == "subclass" else found
+
+    expected = torch.autograd.grad(losses(), params, seeds, allow_unused=True)
+    mode = _PassThrough() if kind == "function-mode" else None
+    with mode if mode is not None else contextlib.nullcontext():
+        found = seeded_grad(losses(), seeds, params)
+    assert found[-1] is None and found[-2] is None  # the unused layer
+    for f, e in zip(found, expected, strict=True):
+        assert (f is None and e is None) or torch.equal(f, e)
