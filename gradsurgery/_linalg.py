@@ -138,7 +138,7 @@ def nnls_gram(
     max_iter : int, optional
         Bound on the number of columns entering the passive set; ``3 n`` by default. Given
         explicitly, Lawson and Hanson's method runs alone (up to ``_PYTHON_MAX_SIZE``
-        variables it otherwise starts with the exchange method of :func:`_nnls_gram_small`).
+        variables it otherwise starts with the exchange method of :func:`nnls_gram_small`).
     initial : numpy.ndarray, optional
         ``[n]`` bool: a guess of the positive coordinates to start from instead of ``z = 0``
         (run on NumPy). The guess shrinks until its subproblem's solution is positive, a valid
@@ -156,7 +156,7 @@ def nnls_gram(
     """
     n = target.shape[0]
     if n <= _PYTHON_MAX_SIZE and initial is None and max_iter is None:
-        return np.array(_nnls_gram_small(matrix.tolist(), target.tolist()))
+        return np.array(nnls_gram_small(matrix.tolist(), target.tolist()))
     max_iter = 3 * n if max_iter is None else max_iter
     magnitude = max(1.0, float(np.abs(matrix).max()), float(np.abs(target).max()))
     tolerance = 10.0 * n * _EPS * magnitude
@@ -218,7 +218,7 @@ def _tolerances(n: int, magnitude: float) -> tuple[float, float]:
     return 10.0 * n * _EPS * magnitude, 1e3 * n * _EPS * magnitude
 
 
-def _nnls_gram_small(
+def nnls_gram_small(
     matrix: list[list[float]], target: list[float], matrix_magnitude: float | None = None
 ) -> list[float]:
     """:func:`nnls_gram` of a small problem on Python floats: the exchange method first, then
@@ -599,7 +599,7 @@ def min_norm_simplex_small(gramian: list[list[float]]) -> list[float]:
     if scale == 0.0:
         return [1.0 / num_tasks] * num_tasks
     matrix = [[value / scale + 1.0 for value in row] for row in gramian]
-    z = _nnls_gram_small(matrix, [1.0] * num_tasks)
+    z = nnls_gram_small(matrix, [1.0] * num_tasks)
     total = sum(z)
     if not total > 0:  # pragma: no cover - as in min_norm_simplex
         raise SolverError("the minimum-norm solver returned zero weights")
@@ -668,7 +668,7 @@ def project_dual_cone_small(
     projected = []
     for u in weights:
         target = [-sum(map(operator.mul, row, u)) for row in matrix]
-        z = _nnls_gram_small(matrix, target, magnitude)
+        z = nnls_gram_small(matrix, target, magnitude)
         projected.append([a + b for a, b in zip(u, z, strict=True)])
     return projected
 

@@ -94,7 +94,7 @@ def fairgrad_weights(
     tol = check_number(tol, "tol", low=0.0, low_open=True)
     max_iter = check_positive_int(max_iter, "max_iter")
     weights = _fairgrad_weights(G.tolist(), alpha, rescale, max_norm, tol, max_iter)
-    return torch.tensor(weights, dtype=torch.float64)
+    return torch.from_numpy(np.array(weights))
 
 
 def _fairgrad_weights(

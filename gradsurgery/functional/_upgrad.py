@@ -10,10 +10,10 @@ from .._linalg import (
     _PYTHON_MAX_SIZE,
     as_gramian,
     check_number,
+    nnls_gram_small,
     normalize_and_regularize,
     preference_weights,
     project_dual_cone,
-    project_dual_cone_small,
 )
 
 __all__ = ["upgrad_weights"]
@@ -76,9 +76,22 @@ def solve_upgrad(
     G = normalize_and_regularize(G, norm_eps, reg_eps)
     num_tasks = G.shape[0]
     if num_tasks <= _PYTHON_MAX_SIZE:
-        scaled = [[0.0] * num_tasks for _ in range(num_tasks)]
-        for i, preference in enumerate(preferences):
-            scaled[i][i] = preference
-        projections = project_dual_cone_small(G.tolist(), scaled)
-        return [sum(column) for column in zip(*projections, strict=True)]
+        return _solve_upgrad_small(G.tolist(), preferences)
     return project_dual_cone(G, np.diag(preferences)).sum(axis=0).tolist()
+
+
+def _solve_upgrad_small(G: list[list[float]], preferences: list[float]) -> list[float]:
+    """:func:`solve_upgrad` on Python floats: ``p + sum_i z_i`` for the projections
+    ``p_i e_i + z_i`` (``project_dual_cone_small`` with each target ``-p_i G e_i`` read off a
+    column, and one scaling of ``G`` for all of them)."""
+    num_tasks = len(G)
+    scale = max([G[i][i] for i in range(num_tasks)])
+    weights = [float(preference) for preference in preferences]
+    if scale == 0.0:  # every gradient is zero: each p_i e_i is its own projection
+        return weights
+    matrix = [[value / scale for value in row] for row in G]
+    magnitude = max([max(map(abs, row)) for row in matrix])
+    for i, preference in enumerate(preferences):
+        z = nnls_gram_small(matrix, [-preference * row[i] for row in matrix], magnitude)
+        weights = [weight + z_j for weight, z_j in zip(weights, z, strict=True)]
+    return weights
