@@ -229,3 +229,42 @@ def test_pcgrad_on_per_task_heads_equals_the_default_engine():
         grads.append([p.grad for p in model.parameters()])
     for fast, default in zip(*grads, strict=True):
         torch.testing.assert_close(fast, default)
+
+
+def test_a_pattern_whose_walk_finds_no_sole_parameter_stops_walking_and_stays_exact(
+    monkeypatch,
+):
+    sizes = [2, 3]
+    torch.manual_seed(6)
+    model = Heads(["custom", "custom"]).double()  # unrecorded heads: one plan for both steps
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    walks = []
+    right = engine_module.sole_tasks
+
+    def counted(*args):
+        walks.append(1)
+        return right(*args)
+
+    monkeypatch.setattr(engine_module, "sole_tasks", counted)
+    params = list(model.parameters())
+    heads = {id(p) for p in model.heads.parameters()}
+
+    def losses(crossed: bool) -> list:
+        outputs = model(x, sizes)
+        parts = per_task_losses(outputs, y, sizes)
+        if crossed:  # a penalty on every head in every task's loss: no head has one task alone
+            penalty = 0.1 * sum(p.square().sum() for p in model.heads.parameters())
+            parts = [part + penalty for part in parts]
+        return parts
+
+    expected = {crossed: task_jacobian(losses(crossed), params) for crossed in (True, False)}
+    calls = PerTaskCalls(monkeypatch)
+    engine = gs.BatchPartitionEngine(model)
+    for crossed in (True, False):
+        calls.asked.clear()
+        with engine.record(sizes):
+            recorded = losses(crossed)
+        actual = engine.jacobian(recorded, params)
+        assert calls.asked == heads  # per task: crossed, then because the pattern stopped walking
+        assert_same(actual, expected[crossed], torch.float64)
+    assert len(walks) == 1

@@ -4,9 +4,10 @@ When the batch fed to the model is the concatenation of the tasks' batches, the 
 samples independently and each task's loss reads only its own rows, the per-sample output
 gradients of one backward pass of ``sum_i L_i`` already separate the tasks. For the layers
 registered in :mod:`.layers` a weight gradient is a sum over samples of (input x
-output-gradient) products, so task ``i``'s gradient is that sum over task ``i``'s rows.
-Parameters of other layers fall back to one autograd call per task, so the result is always
-the full per-task Jacobian.
+output-gradient) products, so task ``i``'s gradient is that sum over task ``i``'s rows. A
+parameter only one task's loss reaches (a per-task head on its task's rows, any layer) needs no
+split: the single backward's gradient of it is that task's. Other parameters fall back to one
+autograd call per task, so the result is always the full per-task Jacobian.
 """
 
 from __future__ import annotations
@@ -48,14 +49,18 @@ class BatchPartitionEngine:
     the engine writes every step into the same ``[T, P]`` matrix, which stays allocated
     between steps until :meth:`remove`. Which tasks reach a parameter is read from the
     autograd graph, as the default engine does: a per-task head applied to the whole batch,
-    whose output only its own task's loss reads, belongs to that task alone.
+    whose output only its own task's loss reads, belongs to that task alone. A parameter that
+    only one task's loss reaches, of any layer (a per-task head applied to its own task's
+    rows), takes the single backward too: its gradient there is that task's, and the other
+    tasks' are zero.
 
     What the engine cannot see is a model or loss that mixes the rows of different tasks (a
     mean or a statistic over the whole batch, attention across the batch, rows not in task
     order). So by default it checks its result against per-task autograd on the first step of
     every recording pattern (the layers, their input shapes, the task sizes and the
-    parameters asked for) and raises if they differ: one slower step per pattern, amortized
-    over a training run. See the guide's "Reliability" page.
+    parameters asked for, and which parameters one task alone reaches) and raises if they
+    differ: one slower step per pattern, amortized over a training run. See the guide's
+    "Reliability" page.
 
     Parameters
     ----------
@@ -226,8 +231,13 @@ class BatchPartitionEngine:
             self._last_plan = plan
             self._warn_unmatched_rows(plan, calls, sizes)
         # Slow-path parameters one task's loss alone reaches (per-task heads on their task's
-        # rows, of any layer): the single backward's gradient of each is that task's.
-        sole = sole_tasks(losses, params, plan.slow_columns) if plan.slow_columns else {}
+        # rows, of any layer): the single backward's gradient of each is that task's. Looked
+        # for at every step (a loss may start to read a head), until a walk finds none.
+        sole: dict[int, int] = {}
+        if plan.slow_columns and id(plan) not in self._plans.without_sole:
+            sole = sole_tasks(losses, params, plan.slow_columns)
+            if not sole:
+                self._plans.without_sole.add(id(plan))
         self._last_sole = frozenset(id(params[k]) for k in sole)
         pattern = (id(plan), tuple(sole.items()))  # a new assignment is checked anew
         verify = self.verify == "always" or (

@@ -68,13 +68,17 @@ class PlanCache:
         self.trust_ambiguous = trust_ambiguous  # the engine checks such plans against autograd
         self._plans: dict[tuple, Plan] = {}
         self._buffers: dict[tuple, Buffer] = {}
-        # ids of the plans checked against autograd (cleared with the plans: ids stay theirs)
-        self.verified: set[int] = set()
+        # (plan id, sole attribution) pairs checked against autograd (cleared with the plans:
+        # ids stay theirs)
+        self.verified: set[tuple[int, tuple[tuple[int, int], ...]]] = set()
+        # ids of the plans whose graph walk found no parameter one task alone reaches: they
+        # stop walking (a walk costs about one autograd call's; skipping it is always safe)
+        self.without_sole: set[int] = set()
 
     def __getstate__(self) -> dict:
         """A copy starts with no plans: they are keyed by the ids of the parameters."""
         state = self.__dict__.copy()
-        state.update(_plans={}, _buffers={}, verified=set())
+        state.update(_plans={}, _buffers={}, verified=set(), without_sole=set())
         return state
 
     def plan(
@@ -115,6 +119,7 @@ class PlanCache:
         self._plans.clear()
         self._buffers.clear()
         self.verified.clear()
+        self.without_sole.clear()
 
 
 def make_plan(
