@@ -50,8 +50,11 @@ from gradsurgery import functional as F
 from gradsurgery._jacobian import TaskJacobian
 from gradsurgery._weighting import Method, TaskStats
 from gradsurgery.methods import (
+    aligned_mtl,
+    cagrad,
     config,
     dbmtl,
+    dualproj,
     dwa,
     fairgrad,
     famo,
@@ -59,9 +62,13 @@ from gradsurgery.methods import (
     graddrop,
     gradvac,
     imtl_l,
+    imtlg,
     linear_scalarization,
+    mgda,
+    nash_mtl,
     rlw,
     stch,
+    upgrad,
     uw,
 )
 
@@ -155,7 +162,15 @@ CASES: list[Case] = [
     functional("cagrad", F.cagrad_weights),
     functional("aligned-mtl", F.aligned_mtl_weights),
     functional("nash-mtl", F.nash_mtl_weights),
-    # Gradient methods whose work is in their decide() (default hyper-parameters).
+    # Gradient methods whose work is in their decide() (default hyper-parameters): the
+    # Gramian methods above as a step runs them, then the methods without a functional row.
+    method("MGDA", lambda T: mgda.MGDA()),
+    method("UPGrad", lambda T: upgrad.UPGrad()),
+    method("DualProj", lambda T: dualproj.DualProj()),
+    method("IMTLG", lambda T: imtlg.IMTLG()),
+    method("CAGrad", lambda T: cagrad.CAGrad()),
+    method("AlignedMTL", lambda T: aligned_mtl.AlignedMTL()),
+    method("NashMTL (previous weights)", lambda T: nash_mtl.NashMTL()),
     method("FairGrad", lambda T: fairgrad.FairGrad()),
     method("FairGrad (alpha=2)", lambda T: fairgrad.FairGrad(alpha=2.0)),
     method("ConFIG", lambda T: config.ConFIG()),
