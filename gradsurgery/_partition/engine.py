@@ -124,7 +124,7 @@ class BatchPartitionEngine:
         self._recorder = Recorder(model)
         self._plans = PlanCache(factored, trust_ambiguous=verify != "never")
         self._last_plan: Plan | None = None
-        self._last_sole: frozenset[int] = frozenset()  # ids of the last step's sole parameters
+        self._last_sole: frozenset[int] = _NONE  # ids of the last step's sole parameters
 
     def record(
         self, task_sizes: Sequence[int]
@@ -238,7 +238,7 @@ class BatchPartitionEngine:
             sole = sole_tasks(losses, params, plan.slow_columns)
             if not sole:
                 self._plans.without_sole.add(id(plan))
-        self._last_sole = frozenset(id(params[k]) for k in sole)
+        self._last_sole = frozenset([id(params[k]) for k in sole]) if sole else _NONE
         pattern = (id(plan), tuple(sole.items()))  # a new assignment is checked anew
         verify = self.verify == "always" or (
             self.verify == "first" and pattern not in self._plans.verified
@@ -543,3 +543,4 @@ def _refuse_complex(model: nn.Module) -> None:
 
 
 _TINY = torch.finfo(torch.float64).tiny
+_NONE: frozenset[int] = frozenset()
