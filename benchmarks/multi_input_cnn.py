@@ -24,7 +24,8 @@ rows (``per-task``). ``T`` = 3, 5 and 10; ``Adam(lr=1e-3, fused=True)``. Four me
 - **agreement**: outside the timing, the fast engine's combined gradient and updated weights
   against the default engine's, from the same weights over three steps;
 - **slow layers**: the layers the batch-partition engine differentiated per task, and why
-  (the per-task heads: each reads only its task's rows, not the whole batch).
+  (none: a per-task head reads only its task's rows, but only its task's loss reaches it, so
+  its gradient comes from the single backward too).
 """
 
 from __future__ import annotations
