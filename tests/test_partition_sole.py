@@ -17,6 +17,7 @@ from torch import nn
 import gradsurgery as gs
 import gradsurgery._partition.engine as engine_module
 from gradsurgery._autograd import task_jacobian
+from tests._models import DEVICES
 
 
 class Gate(nn.Module):
@@ -43,21 +44,26 @@ class Heads(nn.Module):
     """A shared trunk (a convolution and a linear layer, on the fast path) and one head per
     task applied to its task's rows only; ``shared_by``: tasks that use the same head."""
 
-    def __init__(self, kinds: list[str], shared_by: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, kinds: list[str], shared_by: tuple[int, ...] = (), whole_batch: bool = False
+    ) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
             nn.Conv1d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(10, 6), nn.Tanh()
         )
         self.heads = nn.ModuleList(make_head(kind) for kind in kinds)
         self.shared_by = shared_by
+        self.whole_batch = whole_batch  # each head on every row, its task's loss on its own
 
     def forward(self, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-        rows = self.trunk(x.unsqueeze(1)).split(sizes)
+        features = self.trunk(x.unsqueeze(1))
         heads = [
             self.heads[self.shared_by[0]] if t in self.shared_by else head
             for t, head in enumerate(self.heads)
         ]
-        return [head(own) for head, own in zip(heads, rows, strict=True)]
+        if self.whole_batch:
+            return [head(features).split(sizes)[t] for t, head in enumerate(heads)]
+        return [head(own) for head, own in zip(heads, features.split(sizes), strict=True)]
 
 
 def per_task_losses(outputs: list[torch.Tensor], y: torch.Tensor, sizes: list[int]) -> list:
@@ -97,23 +103,25 @@ def assert_same(actual, expected, dtype: torch.dtype) -> None:
     assert np.array_equal(actual.reached, expected.reached)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     sizes=st.lists(st.integers(1, 5), min_size=2, max_size=4),
     equal=st.booleans(),
     kinds=st.lists(st.sampled_from(["linear", "conv", "custom"]), min_size=4, max_size=4),
+    whole_batch=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     verify=st.sampled_from(["first", "never"]),
     seed=st.integers(0, 2**16),
 )
 def test_per_task_heads_take_the_single_backward_and_equal_autograd(
-    sizes, equal, kinds, dtype, verify, seed
+    sizes, equal, kinds, whole_batch, dtype, verify, seed, device
 ):
     if equal:  # the heads' rows then say nothing about their task
         sizes = [sizes[0]] * len(sizes)
     torch.manual_seed(seed)
-    model = Heads(kinds[: len(sizes)]).to(dtype)
-    x = torch.randn(sum(sizes), 5, dtype=dtype)
-    y = torch.randn(sum(sizes), 2, dtype=dtype)
+    model = Heads(kinds[: len(sizes)], whole_batch=whole_batch).to(device, dtype)
+    x = torch.randn(sum(sizes), 5, dtype=dtype).to(device)
+    y = torch.randn(sum(sizes), 2, dtype=dtype).to(device)
     expected = expected_jacobian(model, x, y, sizes)
     engine = gs.BatchPartitionEngine(model, verify=verify)
     with pytest.MonkeyPatch.context() as patch:
@@ -203,14 +211,15 @@ def test_a_new_attribution_is_checked_again_on_a_checked_plan(monkeypatch):
         run(model, engine, x, y, sizes)
 
 
-def test_pcgrad_on_per_task_heads_equals_the_default_engine():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pcgrad_on_per_task_heads_equals_the_default_engine(device):
     sizes = [4, 4, 4]
     torch.manual_seed(4)
-    x, y = torch.randn(12, 5), torch.randn(12, 2)
+    x, y = torch.randn(12, 5).to(device), torch.randn(12, 2).to(device)
     grads = []
     for engine_kind in ("partition", "default"):
         torch.manual_seed(5)
-        model = Heads(["linear", "conv", "custom"])
+        model = Heads(["linear", "conv", "custom"]).to(device)
         engine = gs.BatchPartitionEngine(model) if engine_kind == "partition" else None
         opt = gs.PCGrad(
             torch.optim.SGD(model.parameters(), lr=0.1),
