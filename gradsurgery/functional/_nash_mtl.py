@@ -77,7 +77,9 @@ def nash_mtl_weights(
         Most Newton iterations (the authors' ``optim_niter`` bounds their convex-concave
         iterations; default 20 as theirs).
     warm_start : Tensor, optional
-        ``[T]`` positive weights to start from, e.g. the previous step's (before clipping).
+        ``[T]`` positive weights to start from, e.g. the previous step's (before clipping):
+        Newton starts from it or from the default start, whichever (scaled to its best
+        multiple) has the lower objective. The solution does not depend on it.
 
     Returns
     -------
@@ -130,13 +132,17 @@ def solve_bargaining(G: np.ndarray, max_iter: int, start: np.ndarray | None) -> 
     sub = G[np.ix_(active, active)]
     frobenius = float(np.linalg.norm(sub))
     normalized = sub / frobenius  # the authors' normalization: conditioning only
+    # a_i = 1 / ||g_i|| solves the equations without the cross terms; the warm start, when
+    # given, competes with it. Each is scaled to its best multiple (the minimizer along its
+    # ray) and Newton starts from the lower objective: a start from a Gramian unlike this one
+    # would cost damped steps (twice as many on unrelated Gramians), a close one saves them.
+    starts = [1.0 / np.sqrt(normalized.diagonal())]
     if start is not None and (start[active] > 0).all():
-        alpha = start[active] * math.sqrt(frobenius)
-    else:  # a_i = 1 / ||g_i|| solves the equations without the cross terms; then the best
-        # multiple of it (the minimizer along that ray)
-        alpha = 1.0 / np.sqrt(normalized.diagonal())
-        curvature = float(alpha @ normalized @ alpha)
-        alpha *= math.sqrt(active.size / curvature) if curvature > 0 else 1.0
+        starts.append(start[active] * math.sqrt(frobenius))
+    alpha = min(
+        (_best_multiple(normalized, point) for point in starts),
+        key=lambda point: _objective(normalized, point),
+    )
     converged, iterations = False, 0
     while iterations < max_iter:
         iterations += 1
@@ -177,13 +183,18 @@ def _solve_bargaining_small(
     sub = [[G[i][j] for j in active] for i in active]
     frobenius = math.sqrt(sum([value * value for row in sub for value in row]))
     normalized = [[value / frobenius for value in row] for row in sub]
+    starts = [[1.0 / math.sqrt(normalized[k][k]) for k in range(size)]]  # as in solve_bargaining
     if start is not None and all(start[i] > 0 for i in active):
-        alpha = [float(start[i]) * math.sqrt(frobenius) for i in active]
-    else:  # as in solve_bargaining
-        alpha = [1.0 / math.sqrt(normalized[k][k]) for k in range(size)]
-        curvature = _quadratic(normalized, alpha)
+        starts.append([float(start[i]) * math.sqrt(frobenius) for i in active])
+    best = math.inf
+    for point in starts:
+        curvature = _quadratic(normalized, point)
         if curvature > 0:
-            alpha = [value * math.sqrt(size / curvature) for value in alpha]
+            point = [value * math.sqrt(size / curvature) for value in point]
+            curvature = float(size)
+        value = 0.5 * curvature - sum(map(math.log, point))
+        if value < best:
+            alpha, best = point, value
     indices = list(range(size))
     converged, iterations = False, 0
     while iterations < max_iter:
@@ -253,6 +264,18 @@ def _no_solution(iterations: int, symptom: str) -> NashMTLNoSolutionError:
     )
 
 
+def _best_multiple(G: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """``t point`` for the ``t > 0`` that minimizes the objective along the ray (``point`` when
+    ``point^T G point = 0``)."""
+    curvature = float(point @ G @ point)
+    return point * math.sqrt(point.size / curvature) if curvature > 0 else point
+
+
+def _objective(G: np.ndarray, point: np.ndarray) -> float:
+    """The bargaining objective ``a^T G a / 2 - sum_i log a_i``."""
+    return 0.5 * float(point @ G @ point) - float(np.log(point).sum())
+
+
 def _line_search(
     G: np.ndarray, alpha: np.ndarray, step: np.ndarray, decrement_squared: float
 ) -> np.ndarray:
@@ -261,16 +284,14 @@ def _line_search(
     ``t`` halves from 1 until the point is feasible and lowers the objective by Armijo's rule,
     and after 30 halvings the damped step ``t = 1 / (1 + decrement)``."""
 
-    def objective(point: np.ndarray) -> float:
-        return 0.5 * float(point @ G @ point) - float(np.log(point).sum())
-
     if decrement_squared < 0.0625:  # decrement < 1/4: the full step is feasible, quadratic
         return alpha - step
-    current = objective(alpha)
+    current = _objective(G, alpha)
     t = 1.0
     for _ in range(30):
         candidate = alpha - t * step
-        if (candidate > 0).all() and objective(candidate) <= current - 0.25 * t * decrement_squared:
+        enough = current - 0.25 * t * decrement_squared
+        if (candidate > 0).all() and _objective(G, candidate) <= enough:
             return candidate
         t *= 0.5
     return alpha - step / (1.0 + math.sqrt(decrement_squared))
