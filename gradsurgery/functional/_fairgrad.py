@@ -9,11 +9,15 @@ import torch
 from torch import Tensor
 
 from .._linalg import as_gramian, check_number, check_positive_int, solve_psd_block
+from ._fairgrad_least_squares import least_squares_weights
 
 __all__ = ["fairgrad_weights"]
 
 # clip_grad_norm_'s guard against a zero norm, kept so that max_norm clips as the authors' code.
 _CLIP_EPS = 1e-6
+
+# What to do where the equation has no positive root (Pareto-stationary gradients).
+ON_NO_ROOT = ("least_squares", "raise")
 
 
 def fairgrad_weights(
@@ -24,6 +28,7 @@ def fairgrad_weights(
     max_norm: float = 0.0,
     tol: float = 1e-8,
     max_iter: int = 100,
+    on_no_root: str = "least_squares",
 ) -> Tensor:
     r"""FairGrad's alpha-fair task weights (Ban & Ji 2024, eq. 4).
 
@@ -62,6 +67,13 @@ def fairgrad_weights(
         follows, which takes a well-conditioned problem to rounding level.
     max_iter : int
         Newton steps allowed.
+    on_no_root : {"least_squares", "raise"}
+        Where the Newton steps find no positive root within ``max_iter`` (the gradients are
+        Pareto-stationary, or so close to it that the root is out of float64's reach):
+        ``"least_squares"`` (default) returns what the authors' code returns there, the
+        weights where bounded least squares on :math:`\lVert G w - w^{-1/\alpha}\rVert^2`
+        from :math:`w = 1/T` stops (SciPy's default tolerances, on the normalized Gramian);
+        ``"raise"`` raises a ``ValueError`` instead.
 
     Returns
     -------
@@ -73,9 +85,10 @@ def fairgrad_weights(
     Raises
     ------
     ValueError
-        When the equation has no positive solution: the gradients are Pareto-stationary, some
-        nonnegative combination of them is zero (e.g. two exactly opposite gradients), so no
-        update improves every task. Also on a bad Gramian or hyper-parameter.
+        With ``on_no_root="raise"``, when the equation has no positive solution: the gradients
+        are Pareto-stationary, some nonnegative combination of them is zero (e.g. two exactly
+        opposite gradients), so no update improves every task. Also on a bad Gramian or
+        hyper-parameter.
 
     Examples
     --------
@@ -87,14 +100,26 @@ def fairgrad_weights(
     tensor([0.5000, 1.0000], dtype=torch.float64)
     >>> G.double() @ w * w                             # G w = 1 / w
     tensor([1., 1.], dtype=torch.float64)
+    >>> opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])   # g_2 = -g_1: no root
+    >>> w = fairgrad_weights(opposite, rescale=False)     # the authors' least-squares point
+    >>> bool((w > 0).all()), bool(w[0] == w[1])
+    (True, True)
     """
     G = as_gramian(gramian)
     alpha = check_number(alpha, "alpha", low=0.0)
     max_norm = check_number(max_norm, "max_norm", low=0.0)
     tol = check_number(tol, "tol", low=0.0, low_open=True)
     max_iter = check_positive_int(max_iter, "max_iter")
-    weights = _fairgrad_weights(G.tolist(), alpha, rescale, max_norm, tol, max_iter)
+    on_no_root = check_on_no_root(on_no_root)
+    weights = _fairgrad_weights(G.tolist(), alpha, rescale, max_norm, tol, max_iter, on_no_root)
     return torch.from_numpy(np.array(weights))
+
+
+def check_on_no_root(on_no_root: str) -> str:
+    """``on_no_root`` if it is one of :data:`ON_NO_ROOT`, else a ``ValueError``."""
+    if on_no_root not in ON_NO_ROOT:
+        raise ValueError(f"on_no_root must be one of {ON_NO_ROOT}, got {on_no_root!r}")
+    return on_no_root
 
 
 def _fairgrad_weights(
@@ -104,6 +129,7 @@ def _fairgrad_weights(
     max_norm: float,
     tol: float,
     max_iter: int,
+    on_no_root: str = "least_squares",
 ) -> list[float]:
     """The weights, from the Gramian as ``T`` lists of ``T`` floats."""
     num_tasks = len(gram)
@@ -115,7 +141,12 @@ def _fairgrad_weights(
         if active:
             sub = [[gram[i][k] for k in active] for i in active]
             solve = _solve_python if len(active) <= _PYTHON_MAX_TASKS else _solve_numpy
-            for i, weight in zip(active, solve(sub, alpha, tol, max_iter), strict=True):
+            root = solve(sub, alpha, tol, max_iter)
+            if root is None:
+                if on_no_root == "raise":
+                    raise _no_root(max_iter)
+                root = _least_squares(sub, alpha)
+            for i, weight in zip(active, root, strict=True):
                 weights[i] = weight
     if rescale:
         weights = [num_tasks * weight for weight in weights]
@@ -127,13 +158,24 @@ def _fairgrad_weights(
     return weights
 
 
+def _least_squares(gram: list[list[float]], alpha: float) -> list[float]:
+    """The bounded least-squares weights, solved on the Gramian normalized as the root is:
+    ``||s A w - w^(-1/alpha)||^2 = s^(2/(1+alpha)) ||A v - v^(-1/alpha)||^2`` with
+    ``w = s^(-alpha/(1+alpha)) v``, so the normalization maps the problem onto itself."""
+    scale = max(gram[i][i] for i in range(len(gram)))
+    normalized = [[entry / scale for entry in row] for row in gram]
+    factor = scale ** (-alpha / (1.0 + alpha))
+    return [factor * weight for weight in least_squares_weights(normalized, alpha)]
+
+
 def _no_root(max_iter: int) -> ValueError:
     return ValueError(
         "FairGrad found no positive solution of G w = w^(-1/alpha) within "
         f"{max_iter} Newton steps: the task gradients are (close to) Pareto-stationary, some "
         "nonnegative combination of them is zero (e.g. two exactly opposite gradients), so no "
-        "update improves every task. Skip this step, or use a method defined there (MGDA gives "
-        "a zero update)"
+        "update improves every task. Pass on_no_root='least_squares' for the authors' "
+        "least-squares weights there, skip this step, or use a method defined there (MGDA "
+        "gives a zero update)"
     )
 
 
@@ -142,7 +184,9 @@ def _no_root(max_iter: int) -> ValueError:
 _PYTHON_MAX_TASKS = 6
 
 
-def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: int) -> list[float]:
+def _solve_python(
+    gram: list[list[float]], alpha: float, tol: float, max_iter: int
+) -> list[float] | None:
     """:func:`_solve_numpy`'s iteration, on Python floats (``L D L^T`` for the Newton system)."""
     n = len(gram)
     scale = max(gram[i][i] for i in range(n))
@@ -185,11 +229,14 @@ def _solve_python(gram: list[list[float]], alpha: float, tol: float, max_iter: i
                 break
             t *= 0.5
         w, value = candidate, candidate_value
-    raise _no_root(max_iter)
+    return None
 
 
-def _solve_numpy(gram: list[list[float]], alpha: float, tol: float, max_iter: int) -> list[float]:
-    """The positive root of ``G w = w^(-1/alpha)``, for a Gramian with a positive diagonal."""
+def _solve_numpy(
+    gram: list[list[float]], alpha: float, tol: float, max_iter: int
+) -> list[float] | None:
+    """The positive root of ``G w = w^(-1/alpha)``, for a Gramian with a positive diagonal;
+    ``None`` when ``max_iter`` Newton steps find none."""
     G = np.array(gram)
     scale = float(G.diagonal().max())
     A = G / scale
@@ -234,4 +281,4 @@ def _solve_numpy(gram: list[list[float]], alpha: float, tol: float, max_iter: in
                 break
             t *= 0.5
         w, value = candidate, candidate_value
-    raise _no_root(max_iter)
+    return None

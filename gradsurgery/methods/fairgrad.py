@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._linalg import check_number, check_positive_int
 from .._weighting import Decision, Method, Needs, TaskStats
-from ..functional._fairgrad import _fairgrad_weights
+from ..functional._fairgrad import _fairgrad_weights, check_on_no_root
 
 __all__ = ["FairGrad"]
 
@@ -31,6 +31,10 @@ class FairGrad(Method):
         with ``1.0``; ``0`` (default) does not clip.
     tol, max_iter
         The root finder's relative accuracy and step budget.
+    on_no_root : {"least_squares", "raise"}
+        Where the equation has no positive root (Pareto-stationary gradients): the authors'
+        bounded least-squares weights (default), or a ``ValueError`` (``"raise"``), which
+        stops the step before anything changes.
 
     Examples
     --------
@@ -52,6 +56,7 @@ class FairGrad(Method):
         max_norm: float = 0.0,
         tol: float = 1e-8,
         max_iter: int = 100,
+        on_no_root: str = "least_squares",
     ) -> None:
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
@@ -60,15 +65,22 @@ class FairGrad(Method):
         self.max_norm = check_number(max_norm, "max_norm", low=0.0)
         self.tol = check_number(tol, "tol", low=0.0, low_open=True)
         self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.on_no_root = check_on_no_root(on_no_root)
 
     def decide(self, stats: TaskStats) -> Decision:
         weights = _fairgrad_weights(
-            stats.gramian_rows, self.alpha, self.rescale, self.max_norm, self.tol, self.max_iter
+            stats.gramian_rows,
+            self.alpha,
+            self.rescale,
+            self.max_norm,
+            self.tol,
+            self.max_iter,
+            self.on_no_root,
         )
         return Decision(weights=weights)
 
     def __repr__(self) -> str:
         return (
             f"FairGrad(alpha={self.alpha}, rescale={self.rescale}, max_norm={self.max_norm}, "
-            f"tol={self.tol}, max_iter={self.max_iter})"
+            f"tol={self.tol}, max_iter={self.max_iter}, on_no_root={self.on_no_root!r})"
         )

@@ -7,8 +7,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy.optimize import least_squares
 from torchjd.aggregation._fairgrad import FairGradWeighting
 
+import gradsurgery as gs
 from gradsurgery._weighting import Needs, TaskStats
 from gradsurgery.functional._fairgrad import _solve_numpy, _solve_python, fairgrad_weights
 from gradsurgery.methods.fairgrad import FairGrad
@@ -104,11 +106,141 @@ def test_all_zero_gradients_give_zero_weights():
     assert fairgrad_weights(torch.zeros(3, 3)).tolist() == [0.0, 0.0, 0.0]
 
 
+# Two gradients of the CAGrad toy problem near its Pareto set, where FairGrad stopped: a
+# positive-definite Gramian whose root lies beyond float64's reach (Newton finds none).
+TOY_NEAR = torch.tensor(
+    [[-2.7095864798106093, -0.007785509760601045], [0.08918578776612923, 0.00025913154558060945]],
+    dtype=torch.float64,
+)
+
+
+def no_root_jacobians() -> dict[str, torch.Tensor]:
+    """Jacobians whose Gramian has no positive root that Newton's method can reach."""
+    jacobians = {name: J for name, J in cases() if name in NO_ROOT_CASES}
+    jacobians["toy-near-pareto"] = TOY_NEAR
+    # On the Pareto set: two 2-D gradients that are negative multiples of each other.
+    jacobians["toy-pareto-stationary"] = torch.stack([TOY_NEAR[0], -0.0329 * TOY_NEAR[0]])
+    return jacobians
+
+
+NO_ROOT_CASES = ("conflicting-pair", "conflicting-scaled-pair", "rank2-T4", "rank2-T8")
+
+
+def authors_least_squares(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The authors' solve (methods/weight_methods.py of OptMN-Lab/fairgrad), verbatim."""
+    A = G.numpy()
+    x_start = np.ones(A.shape[0]) / A.shape[0]
+
+    def objfn(x):
+        return np.dot(A, x) - np.power(1 / x, 1 / alpha)
+
+    return torch.from_numpy(least_squares(objfn, x_start, bounds=(0, np.inf)).x)
+
+
+def objective(G: torch.Tensor, w: torch.Tensor, alpha: float) -> float:
+    return 0.5 * float(((G @ w - w ** (-1 / alpha)) ** 2).sum())
+
+
 @pytest.mark.parametrize("name", ["conflicting-pair", "conflicting-scaled-pair", "rank2-T8"])
-def test_pareto_stationary_gradients_raise(name):
+def test_pareto_stationary_gradients_raise_on_request(name):
     J = dict(cases())[name]
+    with pytest.raises(ValueError, match=r"Pareto-stationary.*on_no_root='least_squares'"):
+        fairgrad_weights(J @ J.T, 1.0, on_no_root="raise")
     with pytest.raises(ValueError, match="Pareto-stationary"):
-        fairgrad_weights(J @ J.T, 1.0)
+        FairGrad(on_no_root="raise").decide(
+            TaskStats(losses=(1.0,) * J.shape[0], gramian_rows=(J @ J.T).tolist())
+        )
+
+
+def test_a_bad_on_no_root_is_refused():
+    with pytest.raises(ValueError, match="on_no_root must be one of"):
+        fairgrad_weights(torch.eye(2), on_no_root="skip")
+    with pytest.raises(ValueError, match="on_no_root must be one of"):
+        FairGrad(on_no_root="skip")
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name", sorted(no_root_jacobians()))
+def test_without_a_root_the_weights_are_the_authors_least_squares(name, alpha):
+    """No minimizer is attained there: the objective's infimum is 0, approached as the weights
+    grow along the stationary combination, and every solver stops where its tests say. Ours and
+    the authors' bring the objective to below 1e-4 of its value at their start, ours with
+    weights at most a hundred times the authors', and the updates point the same way."""
+    J = no_root_jacobians()[name]
+    G = J @ J.T
+    scale = float(G.diagonal().max())
+    J, G = J / scale**0.5, G / scale  # the authors' tolerances are absolute: an order-one G
+    ours = fairgrad_weights(G, alpha, rescale=False)
+    theirs = authors_least_squares(G, alpha)
+    start = objective(G, torch.full((G.shape[0],), 1.0 / G.shape[0], dtype=G.dtype), alpha)
+    assert torch.isfinite(ours).all() and (ours > 0).all()
+    assert objective(G, ours, alpha) < 1e-4 * start
+    assert objective(G, theirs, alpha) < 1e-4 * start
+    # Never far past where the authors stop: the weights multiply float32 gradients that
+    # nearly cancel.
+    assert ours.max() < 1e2 * theirs.max()
+    update, their_update = ours @ J, theirs @ J
+    cosine = float(update @ their_update / (update.norm() * their_update.norm()))
+    assert cosine > (0.75 if name == "toy-near-pareto" else 0.999), cosine
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("num_tasks", [2, 3, 5])
+def test_a_root_beyond_the_newton_budget_is_found_by_the_least_squares(num_tasks, alpha):
+    """Where the root exists, it is the least-squares minimizer, unique: one Newton step cannot
+    reach it, and the fallback returns it, as the authors' solver does."""
+    J = random_jacobian(num_tasks, 40 + num_tasks)
+    G = J @ J.T
+    G = G / G.diagonal().max()
+    root = fairgrad_weights(G, alpha, rescale=False)
+    with pytest.raises(ValueError, match="within 1 Newton steps"):
+        fairgrad_weights(G, alpha, rescale=False, max_iter=1, on_no_root="raise")
+    fallback = fairgrad_weights(G, alpha, rescale=False, max_iter=1)
+    torch.testing.assert_close(fallback, root, rtol=1e-6, atol=0)
+    torch.testing.assert_close(authors_least_squares(G, alpha), root, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["conflicting-scaled-pair", "rank2-T8", "toy-pareto-stationary"])
+def test_without_a_root_the_weights_scale_with_the_gramian(name):
+    J = no_root_jacobians()[name]
+    G = J @ J.T
+    for s in (1e-4, 1e4):
+        expected = s ** (-2 / 3) * fairgrad_weights(G, 2.0)
+        torch.testing.assert_close(fairgrad_weights(s * G, 2.0), expected, rtol=1e-9, atol=0)
+
+
+def test_opposite_losses_step_through_the_optimizer():
+    """Exactly opposite losses: FairGrad takes a finite step, the same every time; with
+    on_no_root="raise" the step is refused and changes nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+
+    def setup(method: FairGrad):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1)
+        optimizer = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        return model, optimizer, [loss, -3.0 * loss]
+
+    def step(method: FairGrad) -> list[torch.Tensor]:
+        model, optimizer, losses = setup(method)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.backward(losses)
+        optimizer.step()
+        after = [p.detach().clone() for p in model.parameters()]
+        assert all(torch.isfinite(p).all() for p in after)
+        assert any(not a.equal(b) for a, b in zip(after, before, strict=True))  # it stepped
+        return after
+
+    first, second = step(FairGrad()), step(FairGrad())
+    assert all(a.equal(b) for a, b in zip(first, second, strict=True))
+    model, optimizer, losses = setup(FairGrad(on_no_root="raise"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Pareto-stationary"):
+        optimizer.backward(losses)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.equal(b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_alpha_zero_is_the_uniform_weighting():
@@ -201,6 +333,7 @@ def test_decide_matches_the_functional():
     assert method.needs is Needs.GRAMIAN and method.unshared == "sum"
     assert method.state_dict() == {}
     assert repr(method).startswith("FairGrad(alpha=2.0, rescale=True, max_norm=1.0")
+    assert repr(method).endswith("on_no_root='least_squares')")
 
 
 @given(st.builds(random_jacobian, st.integers(1, 6), st.integers(0, 2**31 - 1)), alphas)
