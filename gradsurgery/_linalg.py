@@ -2,8 +2,11 @@
 
 The problems here have one variable per task, so ``T`` is a few to a few tens: the solvers are
 exact active-set methods with a bounded number of iterations, written for that size, with no
-solver library behind them. Every function takes and returns NumPy float64 arrays; the public
-functions in :mod:`gradsurgery.functional` convert from and to tensors.
+solver library behind them. The functions take and return NumPy float64 arrays, except the
+``*_small`` ones and the block solves, which work on Python floats (lists): up to
+``_PYTHON_MAX_SIZE`` tasks a NumPy call costs more than the arithmetic it does, so the array
+functions hand such problems to them. The public functions in :mod:`gradsurgery.functional`
+convert from and to tensors.
 
 Two quadratic programs cover MGDA, UPGrad, DualProj and CAGrad's sub-problem, and both reduce to
 a non-negative least-squares problem in Gram form (:func:`nnls_gram`, and
@@ -31,14 +34,20 @@ __all__ = [
     "check_number",
     "check_positive_int",
     "eigh",
+    "ldl_factor",
+    "ldl_solve",
     "min_norm_simplex",
+    "min_norm_simplex_small",
     "nnls_gram",
     "nnls_gram_rows",
+    "nnls_gram_small",
     "normalize_and_regularize",
     "pinv_psd",
     "preference_weights",
     "project_dual_cone",
+    "project_dual_cone_small",
     "scale_of",
+    "solve_psd_block",
 ]
 
 _EPS = float(np.finfo(np.float64).eps)
