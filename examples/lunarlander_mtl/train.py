@@ -668,7 +668,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resume_command(argv: list[str]) -> str:
     kept = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return " ".join(["python", Path(sys.argv[0]).name or "train.py", *kept, "--resume"])
+    # The script as the user named it: from the repository root, examples/lunarlander_mtl/train.py.
+    return " ".join(["python", sys.argv[0] or "train.py", *kept, "--resume"])
 
 
 def plan_study(configs: list[Config], resume: bool, overwrite: bool) -> list[RunPlan]:

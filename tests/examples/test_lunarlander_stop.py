@@ -177,3 +177,10 @@ def test_workers_stop_when_the_main_process_is_killed(tmp_path):
     train.main(["--config", *names, "--runs-dir", str(tmp_path / "runs"), *FLAGS, "--resume"])
     for d in run_dirs:
         assert rows(d) == 3 * SETTINGS["episodes_per_task"]
+
+
+def test_the_resume_command_names_the_script_as_it_was_run(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["examples/lunarlander_mtl/train.py", "--seed", "0"])
+    assert train.resume_command(["--seed", "0", "--resume"]) == (
+        "python examples/lunarlander_mtl/train.py --seed 0 --resume"
+    )
