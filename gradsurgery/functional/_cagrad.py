@@ -228,14 +228,7 @@ class _ShiftedHull:
         a = float(q @ Gq) - self.radius**2
         b = 2.0 * float(p @ Gq)
         c = float(p @ Gp)
-        if abs(a) < 1e-14:
-            return -c / b if b < 0 else None
-        discriminant = b * b - 4.0 * a * c
-        if discriminant < 0:
-            return None
-        roots = [(-b + sign * math.sqrt(discriminant)) / (2.0 * a) for sign in (1.0, -1.0)]
-        positive = [root for root in roots if root > 0]
-        return positive[0] if len(positive) == 1 else None
+        return _single_positive_root(a, b, c)
 
     def _is_optimal(self, w: np.ndarray, s: float) -> bool:
         """KKT of the minimum-norm problem on ``{g_i + s g_0}`` at ``w``, to rounding."""
@@ -355,14 +348,7 @@ class _SmallShiftedHull:
         a = _quadratic(self.G, q, q) - self.radius**2
         b = 2.0 * _quadratic(self.G, p, q)
         c = _quadratic(self.G, p, p)
-        if abs(a) < 1e-14:
-            return -c / b if b < 0 else None
-        discriminant = b * b - 4.0 * a * c
-        if discriminant < 0:
-            return None
-        roots = [(-b + sign * math.sqrt(discriminant)) / (2.0 * a) for sign in (1.0, -1.0)]
-        positive = [root for root in roots if root > 0]
-        return positive[0] if len(positive) == 1 else None
+        return _single_positive_root(a, b, c)
 
     def _is_optimal(self, w: list[float], s: float) -> bool:
         """As :meth:`_ShiftedHull._is_optimal`."""
@@ -382,3 +368,15 @@ def _quadratic(G: list[list[float]], x: list[float], y: list[float]) -> float:
 
 def _largest_magnitude(G: list[list[float]]) -> float:
     return max([max(map(abs, row)) for row in G])
+
+
+def _single_positive_root(a: float, b: float, c: float) -> float | None:
+    """The positive root of ``a s^2 + b s + c = 0``, if there is exactly one."""
+    if abs(a) < 1e-14:
+        return -c / b if b < 0 else None
+    discriminant = b * b - 4.0 * a * c
+    if discriminant < 0:
+        return None
+    roots = [(-b + sign * math.sqrt(discriminant)) / (2.0 * a) for sign in (1.0, -1.0)]
+    positive = [root for root in roots if root > 0]
+    return positive[0] if len(positive) == 1 else None
