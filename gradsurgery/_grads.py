@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -61,27 +62,33 @@ def fresh_all_finite(tensors: Sequence[Tensor]) -> bool:
     ``torch.autograd.grad`` without a graph), in one fused kernel.
 
     The kernel is GradScaler's check, which also multiplies its tensors in place, here by 1
-    (bit for bit the same values): hence fresh, contiguous tensors only (an expanded one, a
-    scalar's gradient broadcast, takes the per-tensor check). A reduction per tensor costs more
-    than the rest of a loss weighting's bookkeeping.
+    (bit for bit the same values): hence fresh tensors only. Where the kernel refuses its input
+    (an expanded tensor, a scalar's gradient broadcast; tensors on several devices) the
+    per-tensor check answers. A reduction per tensor costs more than the rest of a loss
+    weighting's bookkeeping, and so would a new flag tensor per call: each thread keeps one
+    per device.
     """
-    if (
-        len(tensors) < 2
-        or not _FUSED_CHECK
-        or any(
-            t.device != tensors[0].device or not t.is_floating_point() or not t.is_contiguous()
-            for t in tensors
-        )
-    ):
+    if len(tensors) < 2 or not _FUSED_CHECK:
         return all_finite(tensors)
-    device = tensors[0].device
-    found = torch.zeros(1, device=device)
-    one = _ONES.get(device)
-    if one is None:
-        one = _ONES[device] = torch.ones(1, device=device)
-    torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, one)
+    found, one = _check_buffers(tensors[0].device)
+    found.zero_()
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+    except (RuntimeError, NotImplementedError):  # multiplying by 1 changed nothing meanwhile
+        return all_finite(tensors)
     return not found.item()
 
 
+def _check_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
+    """This thread's flag and scale of 1 for the fused check on ``device``."""
+    buffers = getattr(_THREAD, "buffers", None)
+    if buffers is None:
+        buffers = _THREAD.buffers = {}
+    pair = buffers.get(device)
+    if pair is None:
+        pair = buffers[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+    return pair
+
+
 _FUSED_CHECK = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
-_ONES: dict[torch.device, Tensor] = {}  # the check's scale of 1, read only, one per device
+_THREAD = threading.local()  # the fused check's buffers: a thread's own, never shared

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._autograd import AutogradEngine, graph_leaves, reaches_any, seeded_grad
 from ._distributed import synchronizer
+from ._floats import floats_tensor
 from ._grads import accumulate_grads, all_finite, fresh_all_finite
 from ._info import StepInfo
 from ._jacobian import Engine, TaskJacobian
@@ -518,7 +519,7 @@ def _weighted_gradient(
     """
     first = losses[0]
     if all(x.dtype == first.dtype and x.device == first.device for x in losses):
-        seeds = torch.tensor(weights, dtype=first.dtype, device=first.device).unbind()
+        seeds = floats_tensor(weights, first.dtype, first.device).unbind()
     else:
         seeds = tuple(
             torch.tensor(w, dtype=x.dtype, device=x.device)

@@ -36,4 +36,4 @@ python -c "import gradsurgery as gs; print('installed wheel:', gs.__version__, g
 tar -xzf "${sdist[0]}"
 cd gradsurgery-*/
 rm -r gradsurgery  # the tests import the installed wheel, not the sources beside them
-python -m pytest -q -p no:cacheprovider "$@" tests --pyargs gradsurgery
+python -m pytest -q -n auto -p no:cacheprovider "$@" tests --pyargs gradsurgery

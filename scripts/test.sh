@@ -7,4 +7,5 @@ ruff check .
 ruff format --check .
 sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 sphinx-build -W --keep-going -n -q -b doctest docs docs/_build/doctest
-python -m pytest -q
+# -n auto: one test process per core (pytest-xdist); each test stands alone.
+python -m pytest -q -n auto

@@ -4,6 +4,7 @@ finiteness checks it runs on every update before it writes ``.grad``."""
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import hypothesis.strategies as st
 import pytest
@@ -51,6 +52,23 @@ def test_an_expanded_gradient_takes_the_per_tensor_check(bad):
     expanded = torch.tensor(bad).expand(5)
     assert not fresh_all_finite([torch.ones(3), expanded])
     assert fresh_all_finite([torch.ones(3), torch.tensor(2.0).expand(5)])
+
+
+def test_the_fused_check_forgets_a_nonfinite_element_it_found_before():
+    # Its flag tensor is kept between calls: each call must clear it.
+    assert not fresh_all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert fresh_all_finite([torch.ones(3), torch.ones(2)])
+
+
+def test_each_thread_checks_with_its_own_flag():
+    def check(bad: bool) -> bool:
+        tensors = [torch.ones(1000) for _ in range(4)]
+        if bad:
+            tensors[-1][-1] = float("inf")
+        return all(fresh_all_finite(tensors) != bad for _ in range(200))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, [True, False] * 8))
 
 
 class _Subclass(torch.Tensor):
