@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def representation_step(
             "construct the optimizer with distributed=False to decide per process, or leave "
             "representation= out for the exact mode"
         )
-    heads, reached = _heads(losses, reps, params)
+    heads, reached, readers = _heads(losses, reps, params)
     values = loss_values(losses)
     try:
         pipeline._check_values(values, "loss")
@@ -113,7 +113,7 @@ def representation_step(
             return info, skip
         scale = None if grad_scaler is None else float(grad_scaler.get_scale())
         scaled = losses if grad_scaler is None else [grad_scaler.scale(x) for x in losses]
-        info = _step(pipeline, scaled, values, reps, heads, reached, params, scale, batch)
+        info = _step(pipeline, scaled, values, reps, heads, reached, readers, params, scale, batch)
     except _Refused as refused:
         return pipeline._skipped_info(values, refused.tasks), True
     if pipeline.num_tasks is None:
@@ -128,12 +128,13 @@ def _step(
     reps: list[Tensor],
     heads: list[Tensor],
     reached: np.ndarray,
+    readers: list[_Reader] | None,
     params: list[Tensor],
     scale: float | None,
     batch: str,
 ) -> StepInfo:
     method, needs = pipeline.method, pipeline.method.needs
-    rep_jacobian, head_jacobian = _task_gradients(losses, reps, heads, reached)
+    rep_jacobian, head_jacobian = _task_gradients(losses, reps, heads, reached, readers)
     stats_jacobian = rep_jacobian if batch == "samples" else _summed_over_batch(rep_jacobian, reps)
 
     gramian = squared_norms = None
@@ -206,16 +207,18 @@ def _summed_over_batch(jacobian: TaskJacobian, reps: list[Tensor]) -> TaskJacobi
 
 def _heads(
     losses: list[Tensor], reps: list[Tensor], params: list[Tensor]
-) -> tuple[list[Tensor], np.ndarray]:
+) -> tuple[list[Tensor], np.ndarray, list[_Reader] | None]:
     """The optimized parameters the losses reach without passing through the representation,
-    and which task reaches which (``[T, n_heads]`` bool).
+    which task reaches which (``[T, n_heads]`` bool), and the autograd nodes that read the
+    representation, each with the one task whose loss reaches it (``None`` where a node
+    serves several tasks or a loss is the representation itself).
 
     Walks the losses' graph and stops at the representation's edges, so only the heads are
     visited. Refuses a representation that no loss reads and a loss that does not read it.
     """
     stops = {(z.grad_fn, z.output_nr): k for k, z in enumerate(reps)}
     walks = [_walk(loss, stops) for loss in losses]
-    used = set().union(*(hit for hit, _ in walks))
+    used = set().union(*(walk.hit for walk in walks))
     unused = [k for k in range(len(reps)) if k not in used]
     if unused:
         which = "representation" if len(reps) == 1 else f"representation{unused}"
@@ -223,56 +226,91 @@ def _heads(
             f"{which} is read by no loss (not in the losses' graph): pass the encoder's "
             "output that the heads compute the losses from"
         )
-    for i, (hit, _) in enumerate(walks):
-        if not hit:
+    for i, walk in enumerate(walks):
+        if not walk.hit:
             raise ValueError(
                 f"the loss of task {i} does not depend on the representation, so its "
                 "gradient there is zero and the method would decide from nothing: pass the "
                 "tensor every head reads (or leave this loss out, or leave representation= out)"
             )
-    around = set().union(*(leaves for _, leaves in walks))
+    around = set().union(*(walk.leaves for walk in walks))
     heads = [p for p in params if id(p) in around]
     ids = [id(p) for p in heads]
     reached = np.zeros((len(losses), len(heads)), dtype=bool)
-    for i, (_, leaves) in enumerate(walks):
+    for i, (_, leaves, _) in enumerate(walks):
         reached[i] = [k in leaves for k in ids]
-    return heads, reached
+    return heads, reached, _task_readers(walks, reached)
 
 
-def _walk(loss: Tensor, stops: dict[tuple[Any, int], int]) -> tuple[set[int], set[int]]:
-    """The representations ``loss`` reads, and the ids of the leaves it reaches around them."""
+class _Reader(NamedTuple):
+    """An autograd node that reads the representation: the task whose loss alone reaches it,
+    and the node's inputs that are representation tensors (input position, tensor index)."""
+
+    node: Any
+    task: int
+    inputs: tuple[tuple[int, int], ...]
+
+
+def _task_readers(walks: list[_Walk], reached: np.ndarray) -> list[_Reader] | None:
+    """The representation's readers, each owned by one task; ``None`` unless one backward
+    pass of every loss can give each task's representation gradient apart: every reader and
+    every head is reached by a single task, and no loss is a representation itself."""
+    if reached.sum(axis=0).max(initial=0) > 1:
+        return None
+    readers: list[_Reader] = []
+    owner: dict[Any, int] = {}
+    for task, (_, _, nodes) in enumerate(walks):
+        if not nodes:  # the loss is a representation tensor: no node to listen to
+            return None
+        for node, inputs in nodes.items():
+            if owner.setdefault(node, task) != task:
+                return None
+            readers.append(_Reader(node, task, inputs))
+    return readers
+
+
+class _Walk(NamedTuple):
+    hit: set[int]  # the representation tensors the loss reads
+    leaves: set[int]  # ids of the leaves it reaches around them
+    readers: dict[Any, tuple[tuple[int, int], ...]]  # node -> (input position, tensor index)
+
+
+def _walk(loss: Tensor, stops: dict[tuple[Any, int], int]) -> _Walk:
+    """Where ``loss``'s graph meets the representation, and what it reaches around it."""
     hit: set[int] = set()
     leaves: set[int] = set()
+    readers: dict[Any, tuple[tuple[int, int], ...]] = {}
     root = (loss.grad_fn, loss.output_nr)
     if root in stops:
-        return {stops[root]}, leaves
+        return _Walk({stops[root]}, leaves, readers)
     stack, seen = [loss.grad_fn], {loss.grad_fn}
     while stack:
         node = stack.pop()
         if type(node) is _AccumulateGrad:
             leaves.add(id(node.variable))
             continue
-        for edge in node.next_functions:
+        for position, edge in enumerate(node.next_functions):
             next_node = edge[0]
             if next_node is None:
                 continue
             if edge in stops:
                 hit.add(stops[edge])
+                readers[node] = (*readers.get(node, ()), (position, stops[edge]))
             elif next_node not in seen:
                 seen.add(next_node)
                 stack.append(next_node)
-    return hit, leaves
+    return _Walk(hit, leaves, readers)
 
 
 def _task_gradients(
-    losses: list[Tensor], reps: list[Tensor], heads: list[Tensor], reached: np.ndarray
+    losses: list[Tensor],
+    reps: list[Tensor],
+    heads: list[Tensor],
+    reached: np.ndarray,
+    readers: list[_Reader] | None,
 ) -> tuple[TaskJacobian, TaskJacobian]:
-    """Every task's gradient of the representation and of the heads: one autograd call per
-    task, through the heads only (the encoder is no input, so autograd leaves it alone).
-
-    One call per task rather than one vectorized call over the ``T`` cotangents
-    (``is_grads_batched``): for small heads, vmap's overhead costs more than the calls
-    (``benchmarks/shared_input.py``)."""
+    """Every task's gradient of the representation and of the heads, through the heads only
+    (the encoder is no input, so autograd leaves it alone)."""
     dtypes = {p.dtype for p in heads}
     if len(dtypes) > 1:
         raise ValueError(
@@ -283,20 +321,81 @@ def _task_gradients(
     rep_matrix = first.new_zeros(len(losses), sum(rep_numels))
     head_dtype = heads[0].dtype if heads else first.dtype
     head_matrix = first.new_zeros(len(losses), sum(head_numels), dtype=head_dtype)
+    rep_rows = [row.split(rep_numels) for row in rep_matrix]
+    head_rows = [row.split(head_numels) for row in head_matrix]
+    if readers is None:
+        _per_task_backward(losses, reps, heads, reached, rep_rows, head_rows)
+    else:
+        _one_backward(losses, reps, heads, reached, readers, rep_rows, head_rows)
+    return (
+        TaskJacobian(rep_matrix, None, rep_numels),
+        TaskJacobian(head_matrix, reached, head_numels),
+    )
+
+
+def _one_backward(
+    losses: list[Tensor],
+    reps: list[Tensor],
+    heads: list[Tensor],
+    reached: np.ndarray,
+    readers: list[_Reader],
+    rep_rows: list[tuple[Tensor, ...]],
+    head_rows: list[tuple[Tensor, ...]],
+) -> None:
+    """All tasks in one backward pass of ``sum_i L_i`` through the heads.
+
+    Each node that reads the representation serves one task alone (``_task_readers``), so the
+    gradient it sends to the representation is that task's: a hook on the node copies it out
+    before autograd adds the tasks together. Each head is reached by one task, so its summed
+    gradient is that task's. The same kernels run on the same inputs as one call per task.
+    """
+
+    def listen(reader: _Reader) -> Any:
+        rows = rep_rows[reader.task]
+
+        def hook(grad_inputs: tuple[Tensor | None, ...], _: Any) -> None:
+            for position, k in reader.inputs:
+                grad = grad_inputs[position]
+                if grad is not None:
+                    rows[k].add_(grad.reshape(-1))
+
+        return hook
+
+    handles = [reader.node.register_hook(listen(reader)) for reader in readers]
+    try:
+        grads = torch.autograd.grad(losses, [*reps, *heads], retain_graph=True, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    owners = reached.argmax(axis=0).tolist()  # each head's one task
+    head_grads = grads[len(reps) :]
+    hit = [k for k, g in enumerate(head_grads) if g is not None]
+    if hit:
+        torch._foreach_copy_(
+            [head_rows[owners[k]][k] for k in hit], [head_grads[k].reshape(-1) for k in hit]
+        )
+
+
+def _per_task_backward(
+    losses: list[Tensor],
+    reps: list[Tensor],
+    heads: list[Tensor],
+    reached: np.ndarray,
+    rep_rows: list[tuple[Tensor, ...]],
+    head_rows: list[tuple[Tensor, ...]],
+) -> None:
+    """One autograd call per task: where a node reading the representation or a head serves
+    several tasks, their gradients meet inside the heads and only separate calls tell them
+    apart."""
     for i, loss in enumerate(losses):
         # Only the heads this task's graph reaches (known from the walk): with one head per
         # task, autograd is not asked about the other T - 1 heads at every call.
         own = np.flatnonzero(reached[i]).tolist()
         inputs = [*reps, *(heads[k] for k in own)]
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        head_rows = head_matrix[i].split(head_numels)
-        rows = [*rep_matrix[i].split(rep_numels), *(head_rows[k] for k in own)]
+        rows = [*rep_rows[i], *(head_rows[i][k] for k in own)]
         hit = [k for k, g in enumerate(grads) if g is not None]
         torch._foreach_copy_([rows[k] for k in hit], [grads[k].reshape(-1) for k in hit])
-    return (
-        TaskJacobian(rep_matrix, None, rep_numels),
-        TaskJacobian(head_matrix, reached, head_numels),
-    )
 
 
 def _write(

@@ -7,8 +7,10 @@ import importlib
 import inspect
 import pkgutil
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 import gradsurgery as gs
@@ -200,6 +202,127 @@ def test_several_representation_tensors():
     opt.backward(losses, representation=parts)
     for g, p in zip(whole, split.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+# -- every task's representation gradient from one backward pass ----------------------------
+
+HEAD_KINDS = ("linear", "square", "slices", "two-reads", "cat")
+SHARED_KINDS = ("shared-layer", "shared-bias", "loss-is-representation")
+
+
+def _kind_losses(kind: str, num_tasks: int, batch: int, seed: int):
+    """A shared-input model whose heads read ``z`` in the way ``kind`` says; returns the
+    representation(s), the losses and the optimized parameters."""
+    g = torch.Generator().manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    heads = [nn.Linear(6, 2).double() for _ in range(num_tasks)]
+    extra = [nn.Linear(6, 6).double(), nn.Linear(6, 2).double()]
+    shared_bias = torch.nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64))
+    for module in [encoder, *heads, *extra]:
+        for p in module.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, 5, generator=g, dtype=torch.float64)
+    z = encoder(x)
+    if kind == "linear":
+        outs = [h(z) for h in heads]
+    elif kind == "square":  # one node reads z twice
+        outs = [h(z * z) for h in heads]
+    elif kind == "slices":
+        outs = [h(torch.cat([z[:, t % 6 :], z[:, : t % 6]], 1)) for t, h in enumerate(heads)]
+    elif kind == "two-reads":  # two nodes of one task read z
+        outs = [h(z) + h(z.sin()) for h in heads]
+    elif kind == "cat":
+        outs = [h(torch.cat([z[:, :3], z[:, 3:]], 1)) for h in heads]
+    elif kind == "shared-layer":  # one node reads z for every task
+        trunk = extra[0](z)
+        outs = [h(trunk) for h in heads]
+    elif kind == "shared-bias":  # a head parameter every task reaches
+        outs = [h(z) + shared_bias for h in heads]
+    else:  # "loss-is-representation"
+        outs = [h(z) for h in heads]
+    targets = torch.randn(num_tasks, batch, 2, generator=g, dtype=torch.float64)
+    losses = [(out - t).pow(2).mean() for out, t in zip(outs, targets, strict=True)]
+    reps = [z]
+    if kind == "loss-is-representation":
+        reps.append(losses[0])
+    params = [*encoder.parameters(), *(p for h in heads for p in h.parameters())]
+    params += [*extra[0].parameters(), *extra[1].parameters(), shared_bias]
+    return reps, losses, params
+
+
+def _representation_gradients(losses, reps) -> torch.Tensor:
+    """``[T, numel]``: each loss's gradient of the representation, one autograd call each."""
+    rows = []
+    for x in losses:
+        grads = torch.autograd.grad(x, reps, retain_graph=True, allow_unused=True)
+        found = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, reps, strict=True)]
+        rows.append(torch.cat([g.reshape(-1) for g in found]))
+    return torch.stack(rows)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(HEAD_KINDS + SHARED_KINDS),
+    num_tasks=st.integers(1, 5),
+    batch=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_one_backward_gives_each_tasks_gradients_as_one_call_per_task(kind, num_tasks, batch, seed):
+    from gradsurgery._representation import _heads, _task_gradients
+
+    if kind == "loss-is-representation":  # another task must read z
+        num_tasks = max(num_tasks, 2)
+    reps, losses, params = _kind_losses(kind, num_tasks, batch, seed)
+    heads, reached, readers = _heads(losses, reps, params)
+    # The single pass is taken where it can tell the tasks apart, and only there (a layer or
+    # a parameter "shared" by a single task is that task's own).
+    alone = num_tasks == 1 and kind != "loss-is-representation"
+    assert (readers is not None) == (kind in HEAD_KINDS or alone)
+    if readers is None:
+        return
+    one = _task_gradients(losses, reps, heads, reached, readers)
+    per_task = _task_gradients(losses, reps, heads, reached, None)
+    for fast, slow in zip(one, per_task, strict=True):
+        torch.testing.assert_close(fast.dense, slow.dense, rtol=1e-13, atol=1e-300)
+    by_hand = _representation_gradients(losses, reps)
+    torch.testing.assert_close(one[0].dense, by_hand, rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_tasks_that_meet_inside_the_heads_take_one_call_each(kind):
+    reps, losses, params = _kind_losses(kind, 3, 4, seed=1)
+    method = M.UPGrad()
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), method)
+    rep = _representation_gradients(losses, reps)
+    expected = M.UPGrad().decide(
+        TaskStats(tuple(x.item() for x in losses), gramian_rows=(rep @ rep.T).tolist())
+    )
+    opt.backward(losses, representation=reps)
+    torch.testing.assert_close(opt.weights, torch.tensor(expected.weights, dtype=torch.float64))
+
+
+def test_the_hooks_are_gone_after_the_step(monkeypatch):
+    """The nodes that read the representation are the user's: nothing stays on them (a hook
+    left there would keep the step's gradient matrix alive as long as the graph)."""
+    import gc
+    import weakref
+
+    import gradsurgery._representation as R
+
+    seen = []
+    one_backward = R._one_backward
+
+    def spy(losses, reps, heads, reached, readers, rep_rows, head_rows):
+        seen.append(weakref.ref(rep_rows[0][0]))
+        return one_backward(losses, reps, heads, reached, readers, rep_rows, head_rows)
+
+    monkeypatch.setattr(R, "_one_backward", spy)
+    reps, losses, params = _kind_losses("linear", 3, 4, seed=2)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), M.PCGrad())
+    opt.backward(losses, representation=reps)
+    gc.collect()
+    assert len(seen) == 1
+    assert seen[0]() is None  # while the graph (losses, reps) is still alive
 
 
 # -- bad input: refused, and nothing changed ---------------------------------------------------
