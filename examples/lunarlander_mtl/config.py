@@ -352,6 +352,14 @@ CONFIGS.update(
         ),
     }
 )
+# The soft reading on the reference's best method and on its most-cited one, to see whether
+# the reference's ranking holds under it.
+CONFIGS.update(
+    {
+        f"{name}-soft": dict(CONFIGS[name], target_update="soft", target_tau=1e-3)
+        for name in ("gradnorm-blind", "pcgrad-blind")
+    }
+)
 
 # Every other method of the library on the task-blind network (where the reference found its
 # best result), opt-in like the entries above. Each uses the library's defaults, which are the

@@ -96,6 +96,15 @@ PILOT = ["shared-aware-soft", "shared-aware-learn1", "shared-aware-copy10u"]
 READINGS = {"update_every", "target_update", "target_update_every", "target_tau"}
 
 
+@pytest.mark.parametrize("name", ["gradnorm-blind", "pcgrad-blind"])
+def test_soft_confirmations_are_the_method_under_the_soft_reading(name):
+    method, soft = make_config(name), make_config(f"{name}-soft")
+    changed = {k for k in READINGS | set(CONFIGS[name]) if getattr(soft, k) != getattr(method, k)}
+    assert changed == {"target_update"}
+    assert (soft.target_tau, soft.update_every) == (1e-3, 4)
+    assert soft.method == method.method and soft.network == method.network
+
+
 @pytest.mark.parametrize("name", PILOT)
 def test_pilot_configurations_are_the_baseline_but_for_one_reading(name):
     baseline = make_config("shared-aware")
