@@ -18,6 +18,8 @@ from .._linalg import (
     ldl_solve,
     min_norm_simplex,
     min_norm_simplex_small,
+    project_dual_cone,
+    project_dual_cone_small,
     scale_of,
 )
 
@@ -42,6 +44,12 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
     shifted hull ``{g_i + s g_0}`` (an MGDA problem), and the right ``s`` is the root of the
     monotone ``||g_{w(s)}|| = c ||g_0|| s``, found by safeguarded regula falsi.
 
+    The update is ``d = u(s) / s`` for ``u(s)`` the minimum-norm point of that hull. Where the
+    root is at ``s -> 0`` (0 in the hull of the gradients and ``g_w = 0`` solving the dual),
+    the worst-task value is 0, reached by every point of the ball with ``J d >= 0``, and
+    ``u(s) / s`` tends to the closest of them to ``g_0``: the projection of ``g_0`` onto the
+    dual cone ``{d : J d >= 0}`` (DualProj's update), which is what is returned there.
+
     Parameters
     ----------
     gramian : Tensor
@@ -57,9 +65,11 @@ def cagrad_weights(gramian: Tensor, c: float = 0.4, *, rescale: int = 1) -> Tens
     -------
     Tensor
         ``[T]`` float64 weights ``1 / T + (c ||g_0|| / ||g_w||) w``, rescaled; the mean
-        weights (rescaled) when ``g_0 = 0`` or ``g_w`` vanishes (below ``1e-8`` times the largest
-        gradient norm: 0 is in the hull of the gradients and no direction in the ball does
-        better than ``g_0`` on every task; the official code's ``1e-8`` guards give the same).
+        weights (rescaled) when ``g_0 = 0``; when ``g_w`` vanishes (below ``1e-8`` times the
+        largest gradient norm), the weights of the projection of ``g_0`` onto the dual cone
+        (rescaled). The official code divides by ``||g_w|| + 1e-8`` there instead, which
+        leaves ``g_0`` only where its solver returns ``g_w`` exactly 0; ``g_0`` can conflict
+        with a task that another point of the ball leaves unharmed.
 
     Raises
     ------
@@ -119,13 +129,15 @@ def _small_weights(G: list[list[float]], c: float) -> list[float] | None:
         return None
     w, norm = solution
     if norm <= _VANISHING_NORM:  # as in _ball_step
-        return mean
+        return project_dual_cone_small(G, [mean])[0]
     step = hull.radius / norm
     return [m + step * w_i for m, w_i in zip(mean, w, strict=True)]
 
 
 def _ball_step(G: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:
-    """``(c ||g_0|| / ||g_w||) w`` for CAGrad's dual solution ``w`` (zero when undefined)."""
+    """``(c ||g_0|| / ||g_w||) w`` for CAGrad's dual solution ``w``; where ``g_w`` vanishes,
+    the step from the mean to the projection of ``g_0`` onto the dual cone; zero where
+    ``g_0 = 0``."""
     mean_gram = G @ mean  # g_i . g_0
     g0_squared = float(mean @ mean_gram)
     if g0_squared <= 1e-30:
@@ -135,10 +147,10 @@ def _ball_step(G: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:
     if solution is None:
         solution = problem.solve_by_bracketing()
     w, norm = solution
-    # The official code divides by ||g_w|| + 1e-8: a vanishing g_w (0 in the hull, and no
-    # direction in the ball beats g_0 on every task) leaves g_0. The same guard, at unit scale.
+    # A vanishing g_w (0 in the hull, the root at s -> 0): the limit of d = u(s) / s, the
+    # closest point to g_0 of {d : J d >= 0}, which the ball then holds (worst-task value 0).
     if norm <= _VANISHING_NORM:
-        return np.zeros_like(mean)
+        return project_dual_cone(G, mean) - mean
     return (problem.radius / norm) * w
 
 
@@ -259,6 +271,10 @@ class _ShiftedHull:
             f_low, w, norm = excess(low)
             if f_low >= 0:
                 break
+            if norm <= _VANISHING_NORM:
+                # ||g_{w(s)}|| is nondecreasing in s, so it vanishes at the root below too; and
+                # further down it is rounding noise, whose ratio to s can fake a bracket.
+                return np.zeros_like(w), 0.0
         else:  # ||g_w(s)|| / s -> 0 as s -> 0: the hull holds 0 and g_w = 0 is optimal
             return np.zeros_like(w), 0.0
         if f_low == 0.0:

@@ -3,6 +3,7 @@ primal problem it solves."""
 
 from __future__ import annotations
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -51,7 +52,7 @@ def worst_case_gain(J: torch.Tensor, d: torch.Tensor) -> float:
 @pytest.mark.parametrize("c", [0.1, 0.4, 0.9])
 def test_agrees_with_torchjd(name, J, c):
     """torchjd solves the same dual with Clarabel (no rescale); it returns zero weights when
-    the dual's g_w vanishes (where ours returns the mean direction, as the official code)."""
+    the dual's g_w vanishes (where ours returns the projection of g_0 onto the dual cone)."""
     G = J @ J.T
     theirs = CAGradWeighting(c)(G)
     if float(theirs.abs().sum()) == 0:
@@ -99,6 +100,90 @@ def test_solves_the_primal_problem(J, c, seed):
         u = torch.from_numpy(rng.standard_normal(J.shape[1]))
         other = g0 + radius * rng.uniform() ** (1 / J.shape[1]) * u / u.norm()
         assert worst_case_gain(J, other) <= best + 1e-8 * scale**2
+
+
+def best_worst_case_gain(J: torch.Tensor, c: float) -> float:
+    """The primal problem's value, max min_i g_i . d over ||d - g_0|| <= c ||g_0||, by a conic
+    solver (Clarabel, through cvxpy): independent of the dual that gradsurgery solves. Solved
+    at unit scale (the value scales as the gradients squared), since the solver's tolerances
+    are absolute."""
+    scale = float(J.norm(dim=1).max())
+    if scale == 0:
+        return 0.0
+    A = J.numpy() / scale
+    g0 = A.mean(axis=0)
+    d, t = cp.Variable(A.shape[1]), cp.Variable()
+    constraints = [A @ d >= t, cp.norm(d - g0) <= c * float(np.linalg.norm(g0))]
+    problem = cp.Problem(cp.Maximize(t), constraints)
+    problem.solve(cp.CLARABEL)
+    return float(problem.value) * scale**2
+
+
+@st.composite
+def jacobians_with_zero_in_the_hull(draw) -> torch.Tensor:
+    """Gradients with 0 in their convex hull: a zero gradient, an opposed pair, or a last
+    gradient that is a negative combination of some others. Then no d improves every task,
+    the worst-task value is at most 0, and the dual's g_w = 0 is feasible (value 0)."""
+    num_tasks = draw(st.integers(2, 10))
+    num_params = draw(st.integers(1, num_tasks + 8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    J = rng.standard_normal((num_tasks, num_params))
+    J *= 10.0 ** rng.uniform(-1, 1, size=(num_tasks, 1))
+    edit = draw(st.sampled_from(["zero", "oppose", "negative combination"]))
+    if edit == "zero":
+        J[-1] = 0.0
+    elif edit == "oppose":
+        J[-1] = -rng.uniform(0.1, 10) * J[0]
+    else:
+        mixing = rng.uniform(0, 1, size=num_tasks - 1) * (rng.uniform(size=num_tasks - 1) < 0.5)
+        mixing[0] += 0.1
+        J[-1] = -mixing @ J[:-1]
+    return torch.from_numpy(J)
+
+
+@given(jacobians_with_zero_in_the_hull(), st.sampled_from([0.1, 0.4, 0.9, 5.0]))
+def test_solves_the_primal_problem_with_zero_in_the_hull(J, c):
+    """Where g_w = 0 solves the dual, every d of the ball with J d >= 0 is a best one, and the
+    mean gradient may not be one of them (it can conflict with a task while another point of
+    the ball conflicts with none); elsewhere the dual's optimum has g_w != 0. Either way d
+    lies in the ball and reaches the conic solver's worst-task value."""
+    d = J.T @ cagrad_weights(J @ J.T, c, rescale=0)
+    g0 = J.mean(dim=0)
+    scale = float(J.norm(dim=1).max())
+    assert float((d - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-7) + 1e-9 * scale
+    assert worst_case_gain(J, d) >= best_worst_case_gain(J, c) - 1e-6 * scale**2
+
+
+def test_zero_in_the_hull_moves_the_mean_off_the_conflict():
+    """g_1 = -g_2 and g_4 . g_0 < 0: the mean conflicts with task 4, while the ball holds the
+    projection (0, 2, 1) of g_0 = (0, 2.375, 0.25) onto {d : J d >= 0}, which conflicts with no
+    task: worst-task value 0, not the mean's -0.9375."""
+    J = torch.tensor(
+        [[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, -0.5, 1.0]],
+        dtype=torch.float64,
+    )
+    assert worst_case_gain(J, J.mean(dim=0)) == -0.9375
+    weights = cagrad_weights(J @ J.T, 0.4, rescale=0)
+    torch.testing.assert_close(weights, torch.tensor([0.25, 0.25, 0.25, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(J.T @ weights, torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64))
+
+
+def test_zero_gradient_beside_a_conflict_free_mean():
+    """A zero gradient and a mean that conflicts with no other task: g_w = 0 for every s, the
+    face guesses have no positive root, and the bracketing's minimum-norm points at the
+    smallest s are rounding noise, whose ratio to s once faked a bracket (no convergence)."""
+    J = torch.tensor(
+        [
+            [-2.0338484992939554, 3.0153717101007995, -0.08670333160822118, -0.6492406152320114],
+            [-0.3807637157708959, 0.6848063976315283, -0.28857270285591646, 0.4724614310092531],
+            [2.5634783957024663, 4.926682235459804, 9.963653537916349, -5.491128180721562],
+            [0.0, 0.0, 0.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    assert (J @ J.mean(dim=0) >= 0).all()
+    weights = cagrad_weights(J @ J.T, 0.4, rescale=0)
+    torch.testing.assert_close(weights, torch.full((4,), 0.25, dtype=torch.float64))
 
 
 @given(jacobians().flatmap(lambda J: st.tuples(st.just(J), permutations(J.shape[0]))))

@@ -99,11 +99,6 @@ def both_cagrad_optimal(G: np.ndarray, python: np.ndarray, numpy: np.ndarray, c:
     and reach the same worst-task value."""
     mean = np.full(len(G), 1.0 / len(G))
     scale = max(float(G.diagonal().max()), 1e-300)
-    hull_minimum = L.min_norm_simplex(G)
-    if float(hull_minimum @ G @ hull_minimum) <= 1e-8 * scale:
-        # 0 in the hull of the gradients: the value is 0 and which d reaches it turns on the
-        # vanishing-norm guard's threshold, where rounding decides.
-        return
     for w in (python, numpy):
         offset = w - mean
         radius_squared = c * c * float(mean @ G @ mean)
