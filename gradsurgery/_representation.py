@@ -237,8 +237,8 @@ def _heads(
     heads = [p for p in params if id(p) in around]
     ids = [id(p) for p in heads]
     reached = np.zeros((len(losses), len(heads)), dtype=bool)
-    for i, (_, leaves, _) in enumerate(walks):
-        reached[i] = [k in leaves for k in ids]
+    for i, walk in enumerate(walks):
+        reached[i] = [k in walk.leaves for k in ids]
     return heads, reached, _task_readers(walks, reached)
 
 
@@ -259,10 +259,10 @@ def _task_readers(walks: list[_Walk], reached: np.ndarray) -> list[_Reader] | No
         return None
     readers: list[_Reader] = []
     owner: dict[Any, int] = {}
-    for task, (_, _, nodes) in enumerate(walks):
-        if not nodes:  # the loss is a representation tensor: no node to listen to
+    for task, walk in enumerate(walks):
+        if not walk.readers:  # the loss is a representation tensor: no node to listen to
             return None
-        for node, inputs in nodes.items():
+        for node, inputs in walk.readers.items():
             if owner.setdefault(node, task) != task:
                 return None
             readers.append(_Reader(node, task, inputs))
