@@ -221,11 +221,10 @@ def gs_method(model: nn.Module, batches: list[Batch], name: str) -> Step:
     method = available_methods()[name].build_method(num_tasks)
     fast = method.needs > gs.Needs.LOSSES
     losses, options = _losses_fn(model, fast)
-    adam = _adam(model)
-    own = list(method.parameters()) if hasattr(method, "parameters") else []
-    if own:  # a method's learned parameters (e.g. UW's log-variances) join the optimizer
-        adam.add_param_group({"params": own})
-    optimizer, next_batch = gs.MultiTaskOptimizer(adam, method, **options), _cycle(batches)
+    # A method's learned parameters (UW's log-variances) join the optimizer as the wrapper
+    # puts them there, as a user's would.
+    optimizer = gs.MultiTaskOptimizer(_adam(model), method, **options)
+    next_batch = _cycle(batches)
 
     def step() -> None:
         optimizer.zero_grad()

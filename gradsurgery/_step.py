@@ -12,7 +12,7 @@ method's state and its random generator as they were.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -353,14 +353,38 @@ class UpdatePipeline:
     ) -> None:
         extra = None if decision is None else decision.parameter_grads
         if extra:
-            extra_params, extra_grads = list(extra.keys()), list(extra.values())
-            if not all_finite(extra_grads):
-                self._refuse_weighted()
-            if scale is not None:  # scaled like the model's, for GradScaler.step to unscale
-                extra_grads = [g * scale for g in extra_grads]
-            params = [*params, *extra_params]
-            grads = [*grads, *(g.detach().reshape(-1).clone() for g in extra_grads)]
+            params = [*params, *extra]
+            grads = [*grads, *self._parameter_grads(extra, scale)]
         accumulate_grads(params, grads)
+
+    def _parameter_grads(
+        self, extra: Mapping[Tensor, Tensor | Sequence[float]], scale: float | None
+    ) -> list[Tensor]:
+        """The method's learned parameters' gradients as fresh tensors in their parameters'
+        dtype and device, checked (all of them, before anything is written) and scaled like the
+        model's (for ``GradScaler.step`` to unscale)."""
+        grads = []
+        for parameter, grad in extra.items():
+            size = grad.numel() if isinstance(grad, Tensor) else len(grad)
+            if size != parameter.numel():
+                raise ValueError(
+                    f"{type(self.method).__name__}.decide returned a gradient of {size} values "
+                    f"for a learned parameter of shape {tuple(parameter.shape)}"
+                )
+            if isinstance(grad, Tensor):
+                if not all_finite([grad]):
+                    self._refuse_weighted()
+                grad = grad.detach().to(parameter.device, parameter.dtype, copy=True).view(-1)
+                if scale is not None:
+                    grad.mul_(scale)
+            else:  # Python floats: checked and scaled as floats, packed into a new tensor
+                if not all(map(math.isfinite, grad)):
+                    self._refuse_weighted()
+                if scale is not None:
+                    grad = [g * scale for g in grad]
+                grad = floats_tensor(grad, parameter.dtype, parameter.device)
+            grads.append(grad)
+        return grads
 
     def _commit(
         self,

@@ -110,7 +110,8 @@ class Decision:
         parameter of the Jacobian (``weights`` then only describe the unshared parameters).
     parameter_grads : dict, optional
         Gradients of the method's own learned parameters (e.g. uncertainty weighting's
-        log-variances), written into their ``.grad`` together with the model's.
+        log-variances), written into their ``.grad`` together with the model's: a tensor, or
+        for a 1-d parameter the Python floats of its gradient (packed by the pipeline).
     state : Any
         The method's state after this step; handed to :meth:`Method.commit` once ``.grad`` is
         written. ``None`` keeps nothing.
@@ -120,7 +121,7 @@ class Decision:
 
     weights: Sequence[float] | Tensor
     direction: list[Tensor] | None = None
-    parameter_grads: Mapping[Tensor, Tensor] | None = None
+    parameter_grads: Mapping[Tensor, Tensor | Sequence[float]] | None = None
     state: Any = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 

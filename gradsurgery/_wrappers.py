@@ -75,8 +75,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         The method, e.g. ``gs.methods.PCGrad()``; see :doc:`/guide/custom_method` to write one.
         A method with learned parameters (:class:`~gradsurgery.methods.uw.UW`,
         :class:`~gradsurgery.methods.imtl_l.IMTLL`: ``method.parameters()``) has those the optimizer
-        does not hold yet added to it as one new parameter group, with the optimizer's
-        defaults; to give them other settings, put them in the optimizer yourself first.
+        does not hold yet added to it, with the optimizer's defaults (into the first parameter
+        group that has them, else as a new group); to give them other settings, put them in
+        the optimizer yourself first.
     {options}
 
     Examples
@@ -202,9 +203,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """
         # The method's own parameters get their gradient from the method's decision, not
         # from the task losses: the engine never sees them.
-        own = {id(p) for p in _method_parameters(self.method)}
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        params = [p for p in params if p.requires_grad and id(p) not in own]
+        groups = self.optimizer.param_groups
+        params = [p for g in groups for p in g["params"] if p.requires_grad]
+        own = _method_parameters(self.method)
+        if own:
+            own_ids = {id(p) for p in own}
+            params = [p for p in params if id(p) not in own_ids]
         if representation is None:
             if representation_batch != "samples":
                 raise ValueError("representation_batch is only read with representation=")
@@ -685,15 +689,42 @@ def _method_parameters(method: Method) -> list[Tensor]:
 def _add_method_parameters(
     optimizer: torch.optim.Optimizer, method: Method, optimized: list[Tensor]
 ) -> None:
-    """Give the method's learned parameters to the optimizer that trains the model, as one new
-    parameter group with the optimizer's defaults (those it already optimizes stay where they
-    are): the paper trains them with the model's optimizer, and left out they would never move.
+    """Give the method's learned parameters to the optimizer that trains the model (those it
+    already optimizes stay where they are): the papers train them with the model's optimizer,
+    and left out they would never move.
+
+    They join the first parameter group whose settings are the optimizer's defaults: the same
+    update as a group of their own, in the same optimizer call as the model's parameters (a
+    second group costs a second pass of the optimizer's per-group work at every step).
+    Where no group has the defaults, or the optimizer adds groups its own way (ZeRO's
+    partitioning, named parameters), they get a new group with the defaults.
     """
     known = {id(p) for p in optimized}
     new = [p for p in _method_parameters(method) if id(p) not in known]
-    if new:
-        check_real_parameters(new, f"{type(method).__name__}.parameters()")
-        optimizer.add_param_group({"params": new})
+    if not new:
+        return
+    check_real_parameters(new, f"{type(method).__name__}.parameters()")
+    joinable = type(optimizer).add_param_group is torch.optim.Optimizer.add_param_group
+    for group in optimizer.param_groups if joinable else ():
+        if "param_names" not in group and _has_defaults(group, optimizer.defaults):
+            group["params"].extend(new)
+            return
+    optimizer.add_param_group({"params": new})
+
+
+def _has_defaults(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> bool:
+    """Whether a parameter group's settings are the optimizer's defaults (a tensor setting,
+    such as a tensor learning rate, only when it is the defaults' very object)."""
+    for name, default in defaults.items():
+        value = group.get(name, _MISSING)
+        if value is default:
+            continue
+        if isinstance(value, Tensor) or isinstance(default, Tensor) or value != default:
+            return False
+    return True
+
+
+_MISSING = object()
 
 
 def _check_dense_layers(engine: object, shared: object) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._floats import floats_tensor
 from .._weighting import Method, Needs
 
 
@@ -66,9 +65,9 @@ class LearnedLossWeighting(Method):
     def _values(self) -> list[float]:
         return self._parameter.tolist()  # no graph is built: tolist() reads the values
 
-    def _decision_parameters(self, gradient: list[float]) -> dict[Tensor, Tensor]:
-        parameter = self._parameter
-        return {parameter: floats_tensor(gradient, parameter.dtype, parameter.device)}
+    def _decision_parameters(self, gradient: list[float]) -> dict[Tensor, list[float]]:
+        # Python floats: the pipeline checks and packs them into a fresh tensor itself.
+        return {self._parameter: gradient}
 
     def reset(self) -> None:
         with torch.no_grad():

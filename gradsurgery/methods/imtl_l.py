@@ -21,9 +21,9 @@ class IMTLL(LearnedLossWeighting):
 
     ``s`` is a ``torch.nn.Parameter`` (:attr:`log_scales`) trained by *your* optimizer, as in
     the paper: the wrapper (``gs.IMTLL(optimizer, num_tasks=T)`` or
-    ``gs.MultiTaskOptimizer(optimizer, method)``) adds :meth:`parameters` to the optimizer as one
-    new parameter group with its defaults, unless the optimizer already holds them (put them
-    there yourself for another learning rate).
+    ``gs.MultiTaskOptimizer(optimizer, method)``) adds :meth:`parameters` to the optimizer with
+    its defaults (into its first parameter group that has them, else as a new group), unless the
+    optimizer already holds them (put them there yourself for another learning rate).
 
     Parameters
     ----------
@@ -43,7 +43,7 @@ class IMTLL(LearnedLossWeighting):
     >>> decision.weights
     [1.0, 1.0]
     >>> decision.parameter_grads[method.log_scales]
-    tensor([0., 2.])
+    [0.0, 2.0]
     """
 
     _parameter_name = "log_scales"

@@ -21,9 +21,9 @@ class UW(LearnedLossWeighting):
 
     ``s`` is a ``torch.nn.Parameter`` (:attr:`log_variances`) trained by *your* optimizer, as in
     the paper: the wrapper (``gs.UW(optimizer, num_tasks=T)`` or
-    ``gs.MultiTaskOptimizer(optimizer, method)``) adds :meth:`parameters` to the optimizer as one
-    new parameter group with its defaults, unless the optimizer already holds them (put them
-    there yourself for another learning rate).
+    ``gs.MultiTaskOptimizer(optimizer, method)``) adds :meth:`parameters` to the optimizer with
+    its defaults (into its first parameter group that has them, else as a new group), unless the
+    optimizer already holds them (put them there yourself for another learning rate).
 
     Parameters
     ----------
@@ -44,7 +44,7 @@ class UW(LearnedLossWeighting):
     >>> decision.weights
     [0.5, 0.5]
     >>> decision.parameter_grads[method.log_variances]
-    tensor([ 0., -1.])
+    [0.0, -1.0]
     """
 
     _parameter_name = "log_variances"

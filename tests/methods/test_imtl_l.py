@@ -37,7 +37,9 @@ def test_agrees_with_torchjd_over_training(num_tasks, scale):
         decision = decide(ours, losses)
         assert_close(decision.weights, values.grad.tolist(), rtol=1e-12)
         with torch.no_grad():
-            ours.log_scales -= lr * decision.parameter_grads[ours.log_scales]
+            ours.log_scales -= lr * torch.tensor(
+                decision.parameter_grads[ours.log_scales], dtype=torch.float64
+            )
         optimizer.step()
         assert_close(ours.log_scales.tolist(), theirs.log_scale.tolist(), rtol=1e-12, atol=1e-12)
 
@@ -53,7 +55,7 @@ def test_agrees_with_the_authors_transform():
     method.load_state_dict({"log_scales": s.detach()})
     decision = decide(method, losses)
     assert_close(decision.weights, values.grad.tolist(), rtol=1e-14)
-    assert_close(decision.parameter_grads[method.log_scales].tolist(), s.grad.tolist(), rtol=1e-14)
+    assert_close(decision.parameter_grads[method.log_scales], s.grad.tolist(), rtol=1e-14)
 
 
 @given(positive_losses())

@@ -30,7 +30,7 @@ def sgd_step(method: UW, losses, lr: float) -> list[float]:
     decision = decide(method, losses)
     (grad,) = decision.parameter_grads.values()
     with torch.no_grad():
-        method.log_variances -= lr * grad
+        method.log_variances -= lr * torch.tensor(grad, dtype=method.log_variances.dtype)
     return list(decision.weights)
 
 
@@ -59,9 +59,7 @@ def test_agrees_with_libmtl_formula():
     (values / (2 * s.exp()) + s / 2).sum().backward()
     decision = decide(UW(3, initial_log_variance=-0.5, dtype=torch.float64), losses)
     assert_close(decision.weights, values.grad.tolist(), rtol=1e-14)
-    assert_close(
-        next(iter(decision.parameter_grads.values())).tolist(), s.grad.tolist(), rtol=1e-14
-    )
+    assert_close(next(iter(decision.parameter_grads.values())), s.grad.tolist(), rtol=1e-14)
 
 
 @given(positive_losses())
@@ -90,14 +88,12 @@ def test_permutation_equivariant(losses):
     assert list(theirs.weights) == [ours.weights[i] for i in order]
 
 
-def test_needs_only_losses_and_returns_the_gradient_on_the_parameter_device_and_dtype():
+def test_needs_only_losses_and_returns_the_gradient_of_its_parameter():
     method = UW(2)
     assert method.needs is Needs.LOSSES
     assert list(method.parameters()) == [method.log_variances]
     decision = decide(method, [1.0, 4.0])
-    grad = decision.parameter_grads[method.log_variances]
-    assert grad.dtype == torch.float32 and grad.shape == (2,)
-    assert grad.tolist() == [0.0, -1.5]
+    assert decision.parameter_grads[method.log_variances] == [0.0, -1.5]
     assert list(gradient_weights(lambda v: TorchjdUW(2)(v.float()), [1.0, 4.0])) == decision.weights
 
 
