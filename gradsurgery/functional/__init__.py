@@ -197,9 +197,10 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> tuple[Tensor, Tensor
     return torch.from_numpy(coefficients), torch.from_numpy(projected)
 
 
-# Up to this many tasks the surgery runs as plain Python on floats: for a 3 x 3 Gramian, a
-# NumPy call costs more than the arithmetic it does.
-_PYTHON_MAX_TASKS = 6
+# Up to this many tasks the surgery runs as plain Python on floats: for a [T, T] Gramian, a
+# NumPy call costs more than the arithmetic it does until T is in the twenties (the lockstep
+# NumPy loop makes about 15 calls per partner; the Python loop does T^3 / 2 products).
+_PYTHON_MAX_TASKS = 16
 
 
 def _pcgrad_coefficients(G: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +269,8 @@ def _pcgrad_weights(
         orders = _projection_orders(num_tasks, generator)
         coefficients, projected = _pcgrad_coefficients_numpy(np.array(gram), orders)
         weights = _reduce_coefficients(coefficients, reduction).tolist()
-        return weights, [(int(i), int(j)) for i, j in np.argwhere(projected)]
+        # tolist() first: iterating a NumPy array's rows costs a call per element.
+        return weights, list(map(tuple, np.argwhere(projected).tolist()))
     keys = _order_keys(num_tasks, generator)  # drawn even when unused: the same stream
     if min(map(min, gram)) >= 0:  # no conflict: nothing to project
         return [1.0 / num_tasks if reduction == "mean" else 1.0] * num_tasks, []
