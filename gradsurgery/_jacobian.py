@@ -306,6 +306,15 @@ class TaskJacobian:
             if not self.factored:
                 return dense_parts
             rows = [weights] * len(self.numels)
+        elif not self.factored and self.dense.numel() <= _SPREAD_MAX_ELEMENTS:
+            # A small matrix (heads, many small parameters): one product with the weights
+            # spread over each parameter's columns costs less than a product per parameter.
+            spread = weights.t().repeat_interleave(
+                torch.tensor(self.numels, device=weights.device),
+                dim=1,
+                output_size=self.dense.shape[1],
+            )
+            return list((self.dense * spread).sum(0).split(self._dense_numels))
         else:
             rows = list(weights.unbind())
             dense_rows = [w for k, w in enumerate(rows) if k not in self.factored]
@@ -354,3 +363,9 @@ class Engine(Protocol):
     ) -> tuple[list[Tensor], TaskJacobian]:
         """Per-task gradients of ``leading``, then of every other parameter the losses reach."""
         ...
+
+
+# Up to this many elements of the dense matrix, a per-parameter combination spreads the
+# weights over the columns and takes one elementwise product (a temporary of the matrix's
+# size); above it, a product per parameter block, which allocates nothing of that size.
+_SPREAD_MAX_ELEMENTS = 1 << 18

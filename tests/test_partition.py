@@ -14,6 +14,7 @@ from torch import nn
 
 import gradsurgery as gs
 from gradsurgery._autograd import AutogradEngine, task_jacobian
+from gradsurgery import _jacobian as jacobian_module
 from gradsurgery._jacobian import TaskJacobian
 from tests._models import DEVICES
 
@@ -414,3 +415,18 @@ def test_an_input_changed_in_place_after_the_call_takes_the_slow_path():
         out = model(tokens)
     with pytest.warns(UserWarning, match="fc"), pytest.raises(RuntimeError, match="inplace"):
         engine.jacobian(losses_on_slices(out, torch.zeros(6, 3), [3, 3]), params)
+
+
+@pytest.mark.parametrize("spread_max", [0, 1 << 30])
+def test_per_parameter_combination_is_the_same_by_blocks_and_spread(monkeypatch, spread_max):
+    # Small Jacobians spread the per-parameter weights over the columns (one product), large
+    # ones take a product per parameter block: the same combination.
+    monkeypatch.setattr(jacobian_module, "_SPREAD_MAX_ELEMENTS", spread_max)
+    generator = torch.Generator().manual_seed(0)
+    numels = [3, 1, 8, 2]
+    matrix = torch.randn(4, sum(numels), generator=generator, dtype=torch.float64)
+    per_param = torch.randn(len(numels), 4, generator=generator, dtype=torch.float64)
+    parts = TaskJacobian(matrix, None, numels).combine(per_param)
+    blocks = matrix.split(numels, dim=1)
+    for part, w, block in zip(parts, per_param, blocks, strict=True):
+        torch.testing.assert_close(part, w @ block, rtol=1e-12, atol=1e-12)
