@@ -13,8 +13,8 @@ from hypothesis import given
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery._autograd import AutogradEngine, task_jacobian
 from gradsurgery import _jacobian as jacobian_module
+from gradsurgery._autograd import AutogradEngine, task_jacobian
 from gradsurgery._jacobian import TaskJacobian
 from tests._models import DEVICES
 
