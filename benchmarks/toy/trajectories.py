@@ -170,7 +170,10 @@ def run_batched(
                     freeze(m, s, step, f"{type(error).__name__}: {error}")
                     continue
                 for parameter, grad in (decision.parameter_grads or {}).items():
-                    parameter.grad = grad
+                    # A tensor, or Python floats (as UW's): in the parameter's dtype.
+                    parameter.grad = torch.as_tensor(grad, dtype=parameter.dtype).reshape(
+                        parameter.shape
+                    )
                 method.commit(decision.state)
                 weights[i] = w
             runs[name].seconds += time.thread_time() - started
