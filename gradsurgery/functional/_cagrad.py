@@ -29,6 +29,9 @@ CAGRAD_RESCALES = (0, 1, 2)
 _MAX_ITER = 200
 # ||g_w|| at or below this, with the largest task gradient of norm 1, counts as zero.
 _VANISHING_NORM = 1e-8
+# A KKT product short of the level by more than this (times the shifted Gramian's largest
+# entry) is no rounding: about a hundred times the rounding of a product of T <= 100 terms.
+_ROUNDING = 1e-13
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -190,9 +193,66 @@ class _ShiftedHull:
                 return None
             w = p + root * q
             if self._is_optimal(w, root):
+                w = self._join_near_active(w, root, support)
                 return np.maximum(w, 0.0), self.norm(w)
             s = root
         return None
+
+    def _join_near_active(self, w: np.ndarray, s: float, support: np.ndarray) -> np.ndarray:
+        """Let the task off the support whose KKT product falls shortest of the level, by less
+        than the optimality test's tolerance but more than rounding, join the support (in
+        place of one member, if it must), while that gives an optimal point whose worst
+        task's value is not lower; repeated for the next one.
+
+        The update is ``g_0 + g_w / s``: when the root ``s`` is small (task gradients whose
+        norms lie decades apart), a shortfall the dual test tolerates leaves that task's
+        value below the others' by ``1 / s`` times as much."""
+        for _ in range(w.size):
+            shifted = self.shifted(s)
+            products = shifted @ w
+            shortfall = products - float(w @ products)
+            shortfall[support] = 0.0
+            task = int(np.argmin(shortfall))
+            if not shortfall[task] < -_ROUNDING * max(1.0, float(np.abs(shifted).max())):
+                break
+            joined = self._exchange(np.union1d(support, [task]), task)
+            if joined is None or not self._improves(joined[0], w):
+                break
+            w, s, support = joined
+        return w
+
+    def _exchange(
+        self, support: np.ndarray, task: int
+    ) -> tuple[np.ndarray, float, np.ndarray] | None:
+        """The best optimal point on ``support`` (which holds ``task``) or on ``support``
+        less one other member (the task may push one out of the face); ``None`` if none is
+        optimal."""
+        best = None
+        for face in [support] + [support[support != j] for j in support if j != task]:
+            affine = self._affine_on(face)
+            root = None if affine is None else self._fixed_point(*affine)
+            if root is None:
+                continue
+            w = affine[0] + root * affine[1]
+            if (
+                self._is_optimal(w, root)
+                and self.norm(w) > _VANISHING_NORM
+                and (best is None or self._worst_value(w) > self._worst_value(best[0]))
+            ):
+                best = (w, root, face)
+        return best
+
+    def _improves(self, joined: np.ndarray, w: np.ndarray) -> bool:
+        """Whether ``joined``'s worst task value is at least ``w``'s (neither ``g_w`` vanishing)."""
+        if min(self.norm(joined), self.norm(w)) <= _VANISHING_NORM:
+            return False
+        return self._worst_value(joined) >= self._worst_value(w)
+
+    def _worst_value(self, w: np.ndarray) -> float:
+        """``min_i g_i . d`` for the update ``d = g_0 + radius g_w / ||g_w||`` (unit scale;
+        ``g_w`` not vanishing)."""
+        norm = self.norm(w)
+        return float((self.mean_gram + (self.radius / norm) * (self.G @ w)).min())
 
     def _affine_on(self, support: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """``p, q`` with ``w(s) = p + s q`` the minimizer on the face ``support``."""
@@ -338,10 +398,62 @@ class _SmallShiftedHull:
                 return None
             w = [p_i + root * q_i for p_i, q_i in zip(p, q, strict=True)]
             if self._is_optimal(w, root):
+                w = self._join_near_active(w, root, support)
                 norm = math.sqrt(max(_quadratic(self.G, w, w), 0.0))
                 return [max(w_i, 0.0) for w_i in w], norm
             s = root
         return None
+
+    def _join_near_active(self, w: list[float], s: float, support: list[int]) -> list[float]:
+        """As :meth:`_ShiftedHull._join_near_active`."""
+        for _ in range(len(w)):
+            shifted = self.shifted(s)
+            products = [sum(map(operator.mul, row, w)) for row in shifted]
+            level = sum(map(operator.mul, w, products))
+            outside = [i for i in range(len(w)) if i not in support]
+            if not outside:
+                break
+            task = min(outside, key=products.__getitem__)
+            if not products[task] - level < -_ROUNDING * max(1.0, _largest_magnitude(shifted)):
+                break
+            joined = self._exchange(sorted([*support, task]), task)
+            if joined is None or not self._improves(joined[0], w):
+                break
+            w, s, support = joined
+        return w
+
+    def _exchange(
+        self, support: list[int], task: int
+    ) -> tuple[list[float], float, list[int]] | None:
+        """As :meth:`_ShiftedHull._exchange`."""
+        best = None
+        for face in [support] + [[i for i in support if i != j] for j in support if j != task]:
+            affine = self._affine_on(face)
+            root = None if affine is None else self._fixed_point(*affine)
+            if root is None:
+                continue
+            w = [p_i + root * q_i for p_i, q_i in zip(*affine, strict=True)]
+            if (
+                self._is_optimal(w, root)
+                and _quadratic(self.G, w, w) > _VANISHING_NORM**2
+                and (best is None or self._worst_value(w) > self._worst_value(best[0]))
+            ):
+                best = (w, root, face)
+        return best
+
+    def _improves(self, joined: list[float], w: list[float]) -> bool:
+        """As :meth:`_ShiftedHull._improves`."""
+        if min(_quadratic(self.G, joined, joined), _quadratic(self.G, w, w)) <= _VANISHING_NORM**2:
+            return False
+        return self._worst_value(joined) >= self._worst_value(w)
+
+    def _worst_value(self, w: list[float]) -> float:
+        """As :meth:`_ShiftedHull._worst_value`."""
+        step = self.radius / math.sqrt(max(_quadratic(self.G, w, w), 0.0))
+        return min(
+            m + step * sum(map(operator.mul, row, w))
+            for m, row in zip(self.mean_gram, self.G, strict=True)
+        )
 
     def _affine_on(self, support: list[int]) -> tuple[list[float], list[float]] | None:
         """As :meth:`_ShiftedHull._affine_by_elimination`."""

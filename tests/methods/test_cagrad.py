@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torchjd.aggregation._cagrad import CAGradWeighting
 
+from gradsurgery import _linalg
 from gradsurgery._weighting import Needs, TaskStats
-from gradsurgery.functional import cagrad_weights
+from gradsurgery.functional import _cagrad, cagrad_weights
 from gradsurgery.methods.cagrad import CAGrad
 
 from ._gramian_properties import direction_error, jacobians, permutations
@@ -152,6 +153,46 @@ def test_solves_the_primal_problem_with_zero_in_the_hull(J, c):
     scale = float(J.norm(dim=1).max())
     assert float((d - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-7) + 1e-9 * scale
     assert worst_case_gain(J, d) >= best_worst_case_gain(J, c) - 1e-6 * scale**2
+
+
+def spread_norm_jacobian(seed: int, index: int) -> torch.Tensor:
+    """Case ``index`` of a scan of random Jacobians whose rows' norms lie up to six decades
+    apart, a quarter each with a zero, a repeated and an opposed last row (regenerated from the
+    seed, not stored)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(index + 1):
+        num_tasks = int(rng.integers(2, 11))
+        num_params = int(rng.integers(1, num_tasks + 9))
+        J = rng.standard_normal((num_tasks, num_params))
+        J *= 10.0 ** rng.uniform(-3, 3, (num_tasks, 1))
+        edit = rng.choice(["zero", "repeat", "oppose", "none"])
+        if edit == "zero":
+            J[-1] = 0.0
+        elif edit == "repeat":
+            J[-1] = 2 * J[0]
+        elif edit == "oppose":
+            J[-1] = -J[0]
+    return torch.from_numpy(J)
+
+
+@pytest.mark.parametrize("numpy_path", [False, True])
+@pytest.mark.parametrize(
+    ("seed", "index"), [(1, 95), (1, 292), (1, 303), (1, 314), (2, 8), (4, 96)]
+)
+def test_reaches_the_primal_value_with_norms_decades_apart(seed, index, numpy_path, monkeypatch):
+    """With c = 5 and gradient norms decades apart, the dual's root s is small and the update
+    g_0 + g_w / s magnifies what the dual's optimality test tolerates by 1 / s: a task just
+    off the support would end below the others. In these cases (T = 4 to 10) the worst
+    task's value reaches the conic solver's to 1e-8 of the squared scale, on both paths."""
+    if numpy_path:
+        for module in (_cagrad, _linalg):
+            monkeypatch.setattr(module, "_PYTHON_MAX_SIZE", 0)
+    J = spread_norm_jacobian(seed, index)
+    d = J.T @ cagrad_weights(J @ J.T, 5.0, rescale=0)
+    g0 = J.mean(dim=0)
+    scale = float(J.norm(dim=1).max()) ** 2
+    assert float((d - g0).norm()) <= 5.0 * float(g0.norm()) * (1 + 1e-7)
+    assert worst_case_gain(J, d) >= best_worst_case_gain(J, 5.0) - 1e-8 * scale
 
 
 def test_zero_in_the_hull_moves_the_mean_off_the_conflict():
