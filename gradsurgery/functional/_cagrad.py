@@ -206,7 +206,10 @@ class _ShiftedHull:
 
         The update is ``g_0 + g_w / s``: when the root ``s`` is small (task gradients whose
         norms lie decades apart), a shortfall the dual test tolerates leaves that task's
-        value below the others' by ``1 / s`` times as much."""
+        value below the others' by ``1 / s`` times as much. A vanishing ``g_w`` has no such
+        update (the caller projects ``g_0`` instead): ``w`` is returned as it is."""
+        if self.norm(w) <= _VANISHING_NORM:
+            return w
         for _ in range(w.size):
             shifted = self.shifted(s)
             products = shifted @ w
@@ -216,7 +219,7 @@ class _ShiftedHull:
             if not shortfall[task] < -_ROUNDING * max(1.0, float(np.abs(shifted).max())):
                 break
             joined = self._exchange(np.union1d(support, [task]), task)
-            if joined is None or not self._improves(joined[0], w):
+            if joined is None or not self._worst_value(joined[0]) >= self._worst_value(w):
                 break
             w, s, support = joined
         return w
@@ -241,12 +244,6 @@ class _ShiftedHull:
             ):
                 best = (w, root, face)
         return best
-
-    def _improves(self, joined: np.ndarray, w: np.ndarray) -> bool:
-        """Whether ``joined``'s worst task value is at least ``w``'s (neither ``g_w`` vanishing)."""
-        if min(self.norm(joined), self.norm(w)) <= _VANISHING_NORM:
-            return False
-        return self._worst_value(joined) >= self._worst_value(w)
 
     def _worst_value(self, w: np.ndarray) -> float:
         """``min_i g_i . d`` for the update ``d = g_0 + radius g_w / ||g_w||`` (unit scale;
@@ -406,6 +403,8 @@ class _SmallShiftedHull:
 
     def _join_near_active(self, w: list[float], s: float, support: list[int]) -> list[float]:
         """As :meth:`_ShiftedHull._join_near_active`."""
+        if _quadratic(self.G, w, w) <= _VANISHING_NORM**2:
+            return w
         for _ in range(len(w)):
             shifted = self.shifted(s)
             products = [sum(map(operator.mul, row, w)) for row in shifted]
@@ -417,7 +416,7 @@ class _SmallShiftedHull:
             if not products[task] - level < -_ROUNDING * max(1.0, _largest_magnitude(shifted)):
                 break
             joined = self._exchange(sorted([*support, task]), task)
-            if joined is None or not self._improves(joined[0], w):
+            if joined is None or not self._worst_value(joined[0]) >= self._worst_value(w):
                 break
             w, s, support = joined
         return w
@@ -440,12 +439,6 @@ class _SmallShiftedHull:
             ):
                 best = (w, root, face)
         return best
-
-    def _improves(self, joined: list[float], w: list[float]) -> bool:
-        """As :meth:`_ShiftedHull._improves`."""
-        if min(_quadratic(self.G, joined, joined), _quadratic(self.G, w, w)) <= _VANISHING_NORM**2:
-            return False
-        return self._worst_value(joined) >= self._worst_value(w)
 
     def _worst_value(self, w: list[float]) -> float:
         """As :meth:`_ShiftedHull._worst_value`."""
