@@ -161,7 +161,10 @@ def nnls_gram(
     Raises
     ------
     SolverError
-        When the optimality conditions are not met within ``max_iter`` entries.
+        When the optimality conditions are not met within ``max_iter`` entries. (A passive
+        set that comes back, which rounding can cause in an ill-conditioned ``M``, ends the
+        method with the best iterate instead: the objective then differs between them by
+        rounding only.)
     """
     n = target.shape[0]
     if n <= _PYTHON_MAX_SIZE and initial is None and max_iter is None:
@@ -181,11 +184,20 @@ def nnls_gram(
                 break
             passive[indices[solution <= tolerance]] = False
     gradient = target - matrix @ z
+    # In exact arithmetic every outer round lowers the objective, so no passive set comes
+    # back. With rounding, in a Gramian ill-conditioned to ~1e11, columns whose gain is below
+    # the objective's rounding can enter and leave in turn: when a passive set comes back,
+    # the rounds since are equal to rounding, and the best of them is returned.
+    seen: dict[bytes, tuple[float, np.ndarray]] = {}
     for _ in range(max_iter):
         candidates = np.where(passive, -np.inf, gradient)
         entering = int(np.argmax(candidates))
         if candidates[entering] <= tolerance:
             return z  # KKT: no free coordinate can lower the objective
+        key = passive.tobytes()
+        if key in seen:
+            return min(seen.values(), key=lambda pair: pair[0])[1]
+        seen[key] = (float(z @ (matrix @ z) - 2.0 * (target @ z)), z)
         passive[entering] = True
         for _ in range(n + 1):
             indices = np.flatnonzero(passive)
