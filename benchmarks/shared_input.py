@@ -1,22 +1,24 @@
 """Shared-input models: representation mode against the exact per-task gradients.
 
-    python benchmarks/shared_input.py            # ~3 min on 2 loaded cores
-    python benchmarks/shared_input.py --quick    # smoke run
+    python benchmarks/shared_input.py                 # ~3 min on 2 loaded cores
+    python benchmarks/shared_input.py --quick         # smoke run
+    python benchmarks/shared_input.py --device cuda   # results/cuda/shared_input.json
 
 A small CNN (two 3x3 convolutions with max-pooling, then a 2048 -> 64 linear layer: the
 shared representation ``z``) reads one batch of 32 RGB 32x32 images; every task has its own
 ``64 -> 10`` linear head and a cross-entropy loss on labels drawn by a fixed random teacher
 network of its own. ``T`` = 2, 3 and 10 tasks. Three measurements, written to
-``results/shared_input.json``:
+``results/shared_input.json`` (``results/cuda/shared_input.json`` with ``--device cuda``):
 
 - **time**: one training step (zero_grad, forward, the method's backward, SGD step), each
-  mode interleaved in round-robin blocks in one process with ``time.thread_time`` (see
-  README.md), ratios to the plain step (mean of the losses, one ``backward()``) of the same
-  rounds. Modes: ``exact`` (the default engine: one autograd call per task),
-  ``exact-batched`` (``AutogradEngine(batched=True)``: one vectorized backward over the ``T``
-  task cotangents), ``representation`` (``backward(losses, representation=z)``);
-- **memory**: the peak resident set (``VmHWM``) of a fresh process that runs three steps of
-  one mode, minus that of the plain step;
+  mode interleaved in round-robin blocks in one process with ``time.thread_time`` (on CUDA:
+  the wall clock between two synchronizations; see README.md), ratios to the plain step (mean
+  of the losses, one ``backward()``) of the same rounds. Modes: ``exact`` (the default
+  engine: one autograd call per task), ``exact-batched`` (``AutogradEngine(batched=True)``:
+  one vectorized backward over the ``T`` task cotangents), ``representation``
+  (``backward(losses, representation=z)``);
+- **memory**: the peak resident set (``VmHWM``; on CUDA ``torch.cuda.max_memory_allocated``)
+  of a fresh process that runs three steps of one mode, minus that of the plain step;
 - **agreement**: the cosine between the update of representation mode and the exact update
   of every Gramian-reading method, over the encoder's parameters, on 8 batches along a short
   plain training run (the same weights and method state for both modes).
@@ -47,9 +49,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from memory_probe import peak_rss_bytes  # noqa: E402
-from timing import machine, summarize, time_interleaved  # noqa: E402
+from timing import clock_for, machine, summarize, time_interleaved  # noqa: E402
 
 MODES = ("plain", "exact", "exact-batched", "representation")
+CPU = torch.device("cpu")
 BATCH = 32
 
 
@@ -74,8 +77,11 @@ class SharedInputCNN(nn.Module):
         return z, [head(z) for head in self.heads]
 
 
-def make_batches(num_tasks: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` batches of images with one label per task from a fixed random teacher."""
+def make_batches(
+    num_tasks: int, count: int, device: torch.device = CPU
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of images with one label per task from a fixed random teacher (made
+    on the CPU, then moved: the same data on every device)."""
     torch.manual_seed(1234)
     teacher = SharedInputCNN(num_tasks)
     batches = []
@@ -84,12 +90,14 @@ def make_batches(num_tasks: int, count: int) -> list[tuple[torch.Tensor, torch.T
             x = torch.randn(BATCH, 3, 32, 32)
             _, outs = teacher(x)
             batches.append((x, torch.stack([out.argmax(1) for out in outs])))
-    return batches
+    return [(x.to(device), labels.to(device)) for x, labels in batches]
 
 
-def build_step(mode: str, num_tasks: int, batches, method_name: str = "PCGrad"):
+def build_step(
+    mode: str, num_tasks: int, batches, method_name: str = "PCGrad", device: torch.device = CPU
+):
     torch.manual_seed(0)
-    model = SharedInputCNN(num_tasks)
+    model = SharedInputCNN(num_tasks).to(device)
     sgd = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = AutogradEngine(batched=mode == "exact-batched")
     opt = gs.MultiTaskOptimizer(sgd, method_class(method_name)(), engine=engine)
@@ -143,11 +151,13 @@ def gramian_methods() -> list[str]:
     return sorted(names)
 
 
-def agreement(num_tasks: int, count: int) -> dict[str, dict[str, float]]:
+def agreement(
+    num_tasks: int, count: int, device: torch.device = CPU
+) -> dict[str, dict[str, float]]:
     """Cosine of the representation-mode and exact encoder updates, per method."""
-    batches = make_batches(num_tasks, count)
+    batches = make_batches(num_tasks, count, device)
     torch.manual_seed(0)
-    base = SharedInputCNN(num_tasks)
+    base = SharedInputCNN(num_tasks).to(device)
     sgd = torch.optim.SGD(base.parameters(), lr=0.05)
     out: dict[str, dict[str, float]] = {}
     methods = {name: method_class(name)() for name in gramian_methods()}
@@ -187,19 +197,24 @@ def agreement(num_tasks: int, count: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def probe(mode: str, num_tasks: int) -> None:
+def probe(mode: str, num_tasks: int, device: torch.device) -> None:
     torch.set_num_threads(1)
-    step = build_step(mode, num_tasks, make_batches(num_tasks, 2))
+    step = build_step(mode, num_tasks, make_batches(num_tasks, 2, device), device=device)
     for _ in range(3):
         step()
-    print(json.dumps({"peak_bytes": peak_rss_bytes()}))
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
+    print(json.dumps({"peak_bytes": peak}))
 
 
-def memory(num_tasks: int) -> dict[str, float]:
+def memory(num_tasks: int, device: torch.device) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
     for mode in MODES:
-        command = [sys.executable, __file__, "--probe", mode, "--tasks", str(num_tasks)]
+        command = [
+            sys.executable, __file__, "--probe", mode, "--tasks", str(num_tasks),
+            "--device", str(device),
+        ]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
         peaks[mode] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
     return {mode: (peaks[mode] - peaks["plain"]) / 2**20 for mode in MODES}
@@ -209,35 +224,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 10])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--probe", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "shared_input.json")
+    parser.add_argument(
+        "--out", type=Path, help="JSON file (default: results/[cuda/]shared_input.json)"
+    )
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    clock = clock_for(device)  # refuses a device the benchmarks do not run on
     if args.probe:
-        probe(args.probe, args.tasks[0])
+        probe(args.probe, args.tasks[0], device)
         return
+    if args.out is None:
+        args.out = (
+            HERE / "results" / ("cuda" if device.type == "cuda" else "") / "shared_input.json"
+        )
     torch.set_num_threads(1)
     rounds, block = (2, 2) if args.quick else (12, 4)
     started = time.perf_counter()
     result: dict[str, object] = {
         "command": shlex.join(["python", "benchmarks/shared_input.py", *(argv or sys.argv[1:])]),
-        "machine": machine(),
+        "machine": machine(device),
         "load_average_before": os.getloadavg(),
         "timing": {},
         "memory_mib_over_plain": {},
         "cosine_representation_vs_exact": {},
     }
     for num_tasks in args.tasks:
-        batches = make_batches(num_tasks, 4)
-        steps = {mode: build_step(mode, num_tasks, batches) for mode in MODES}
-        samples = time_interleaved(steps, warmup=2, rounds=rounds, block=block)
+        batches = make_batches(num_tasks, 4, device)
+        steps = {mode: build_step(mode, num_tasks, batches, device=device) for mode in MODES}
+        samples = time_interleaved(steps, warmup=2, rounds=rounds, block=block, clock=clock)
         rows = {mode: summarize(samples[mode], samples["plain"]) for mode in MODES}
         result["timing"][str(num_tasks)] = rows
         print(f"T={num_tasks}", {m: round(r.get("ratio", 1.0), 3) for m, r in rows.items()})
         if not args.quick:
-            result["memory_mib_over_plain"][str(num_tasks)] = memory(num_tasks)
+            result["memory_mib_over_plain"][str(num_tasks)] = memory(num_tasks, device)
             print("  memory MiB over plain", result["memory_mib_over_plain"][str(num_tasks)])
     for num_tasks in args.tasks if not args.quick else args.tasks[:1]:
-        cos = agreement(num_tasks, 2 if args.quick else 8)
+        cos = agreement(num_tasks, 2 if args.quick else 8, device)
         result["cosine_representation_vs_exact"][str(num_tasks)] = cos
         print(f"T={num_tasks} cosine", {k: round(v["median"], 3) for k, v in cos.items()})
     result["load_average_after"] = os.getloadavg()
