@@ -26,13 +26,17 @@ def graddrop(
     .. math:: \mathcal P_k = \tfrac12 \Big(1 + \frac{\sum_i g_{ik}}{\sum_i |g_{ik}|}\Big),
 
     and :math:`U_k` uniform on :math:`[0, 1)`, the positive entries survive when
-    :math:`\mathcal P_k > U_k`, the negative ones when :math:`\mathcal P_k < U_k`. Task
-    :math:`i`'s dropped entries still leak through with weight :math:`\ell_i`:
+    :math:`\mathcal P_k > U_k`, the negative ones otherwise. Task :math:`i`'s dropped entries
+    still leak through with weight :math:`\ell_i`:
 
     .. math:: d_k = \sum_i \big(\ell_i + (1 - \ell_i) M_{ik}\big)\, g_{ik} .
 
     A coordinate where every task agrees in sign keeps all of them, so without conflicts the
-    result is the plain sum. A coordinate where every gradient is zero gives zero.
+    result is the plain sum. A coordinate where every gradient is zero gives zero. (The
+    paper's masks, :math:`\mathcal P_k > U_k` for the positive entries and
+    :math:`\mathcal P_k < U_k` for the negative ones, drop both where :math:`\mathcal P_k =
+    U_k`, which a float draw can hit: an all-negative coordinate, :math:`\mathcal P_k = 0`,
+    when :math:`U_k = 0`. Here such a coordinate keeps its negative entries.)
 
     Parameters
     ----------
@@ -105,17 +109,20 @@ def _graddrop(grads: Tensor, leaks: list[float], uniform: Tensor) -> Tensor:
     negative = work - positive
     positive_sums, negative_sums = positive.sum(dim=0), negative.sum(dim=0)
     totals = positive_sums + negative_sums  # sum_i g_ik
-    # sum_i g_ik / sum_i |g_ik|: 0 / 0 (NaN) where every entry is zero, which keeps nothing of
-    # a column that holds nothing. Masks multiply: torch.where with a scalar is far slower.
+    # sum_i g_ik / sum_i |g_ik|: 0 / 0 (NaN) where every entry is zero, whose column then
+    # keeps its negative sum, 0.
     purity = (totals / (positive_sums - negative_sums)).add_(1.0).mul_(0.5)
-    keep_positive, keep_negative = purity > uniform, purity < uniform
+    # The negative entries survive wherever the positive ones do not: the paper's second mask,
+    # P < U, would drop both signs where P == U (an all-negative column, P = 0, when U = 0).
+    keep_positive = purity > uniform
     if len(leaks) == 1:
         leak = leaks[0]
-        kept = positive_sums * keep_positive + negative_sums * keep_negative
+        kept = torch.where(keep_positive, positive_sums, negative_sums)
         update = kept if leak == 0.0 else (1.0 - leak) * kept + leak * totals
     else:
         leak = torch.tensor(leaks, dtype=work.dtype, device=work.device)
-        update = torch.mv(positive.T, 1.0 - leak) * keep_positive
-        update += torch.mv(negative.T, 1.0 - leak) * keep_negative
+        kept_positive = torch.mv(positive.T, 1.0 - leak)
+        kept_negative = torch.mv(negative.T, 1.0 - leak)
+        update = torch.where(keep_positive, kept_positive, kept_negative)
         update += torch.mv(work.T, leak)
     return update.to(grads.dtype)

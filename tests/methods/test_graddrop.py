@@ -61,6 +61,15 @@ def test_leak_one_is_the_sum_and_no_conflict_keeps_everything():
     torch.testing.assert_close(graddrop(-J.abs()), -J.abs().sum(0))
 
 
+def test_a_draw_equal_to_the_purity_keeps_the_negative_entries():
+    # Purities 0 (all negative), 1/2 and 1 (all positive); U equal to the first two. The
+    # paper's masks P > U and P < U would drop both signs there (0 and 0 for 2 and 3).
+    J = torch.tensor([[-1.0, 1.0, 1.0], [-2.0, -1.0, 2.0]], dtype=torch.float64)
+    uniform = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    assert graddrop(J, uniform=uniform).tolist() == [-3.0, -1.0, 3.0]
+    assert graddrop(J, leak=[0.5, 0.0], uniform=uniform).tolist() == [-3.0, -0.5, 3.0]
+
+
 def test_zero_columns_give_zero():
     J = random_jacobian(3, 0)
     J[:, :5] = 0.0
