@@ -3,7 +3,7 @@ task gradients are combined (mean, PCGrad, GradNorm) and a bigger network (BRC).
 
     python examples/lunarlander_mtl/train.py                                 # full study + report
     python examples/lunarlander_mtl/train.py --config pcgrad-blind --seed 3  # one run
-    python examples/lunarlander_mtl/train.py --quick                         # smoke run, < 1 min
+    python examples/lunarlander_mtl/train.py --quick                         # smoke run (tiny)
     python examples/lunarlander_mtl/train.py --resume                        # continue after a kill
     python examples/lunarlander_mtl/train.py --help                          # every Config field
 
