@@ -197,7 +197,8 @@ def nnls_gram(
         key = passive.tobytes()
         if key in seen:
             return min(seen.values(), key=lambda pair: pair[0])[1]
-        seen[key] = (float(z @ (matrix @ z) - 2.0 * (target @ z)), z)
+        # The objective z^T M z - 2 c^T z from the gradient c - M z already at hand.
+        seen[key] = (-float(z @ (gradient + target)), z)
         passive[entering] = True
         for _ in range(n + 1):
             indices = np.flatnonzero(passive)

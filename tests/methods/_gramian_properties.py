@@ -23,14 +23,18 @@ def jacobians(
     J = rng.standard_normal((num_tasks, num_params))
     J *= 10.0 ** rng.uniform(-spread, spread, size=(num_tasks, 1))
     if not full_rank:
-        edit = draw(st.sampled_from(["none", "zero", "repeat", "oppose"]))
-        if edit == "zero":
-            J[-1] = 0.0
-        elif edit == "repeat":
-            J[-1] = 2.0 * J[0]
-        elif edit == "oppose":
-            J[-1] = -J[0]
+        edit_last_row(J, draw(st.sampled_from(["none", "zero", "repeat", "oppose"])))
     return torch.from_numpy(J)
+
+
+def edit_last_row(J: np.ndarray, edit: str) -> None:
+    """Make the last row of ``J`` zero, twice the first, or its opposite (``"none"``: keep it)."""
+    if edit == "zero":
+        J[-1] = 0.0
+    elif edit == "repeat":
+        J[-1] = 2.0 * J[0]
+    elif edit == "oppose":
+        J[-1] = -J[0]
 
 
 def permutations(num_tasks: int):

@@ -17,7 +17,7 @@ from gradsurgery._weighting import Needs, TaskStats
 from gradsurgery.functional import _cagrad, cagrad_weights
 from gradsurgery.methods.cagrad import CAGrad
 
-from ._gramian_properties import direction_error, jacobians, permutations
+from ._gramian_properties import direction_error, edit_last_row, jacobians, permutations
 from ._jacobians import cases
 
 
@@ -165,13 +165,7 @@ def spread_norm_jacobian(seed: int, index: int) -> torch.Tensor:
         num_params = int(rng.integers(1, num_tasks + 9))
         J = rng.standard_normal((num_tasks, num_params))
         J *= 10.0 ** rng.uniform(-3, 3, (num_tasks, 1))
-        edit = rng.choice(["zero", "repeat", "oppose", "none"])
-        if edit == "zero":
-            J[-1] = 0.0
-        elif edit == "repeat":
-            J[-1] = 2 * J[0]
-        elif edit == "oppose":
-            J[-1] = -J[0]
+        edit_last_row(J, str(rng.choice(["zero", "repeat", "oppose", "none"])))
     return torch.from_numpy(J)
 
 
