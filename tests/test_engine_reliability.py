@@ -15,7 +15,7 @@ import gradsurgery as gs
 from gradsurgery._autograd import task_jacobian
 from gradsurgery._jacobian import FactoredGradients, TaskJacobian
 from gradsurgery._partition import engine as engine_module
-from tests._models import DEVICES
+from tests._models import DEVICES, assert_same_snapshot, snapshot
 
 CLOSE64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -169,6 +169,64 @@ def test_a_nonfinite_first_step_leaves_the_pattern_unchecked(monkeypatch):
             out = model(torch.randn(6, 5, dtype=torch.float64))
         engine.jacobian([out[:3].sum() * scale, out[3:].sum()], list(model.parameters()))
     assert len(calls) == 2  # the NaN step could not judge: the next one checks
+
+
+@pytest.mark.parametrize(("recheck_every", "checked_steps"), [(3, [0, 3, 6]), (None, [0])])
+def test_a_pattern_is_checked_again_every_recheck_every_steps(
+    monkeypatch, recheck_every, checked_steps
+):
+    model = mlp()
+    engine = gs.BatchPartitionEngine(model, recheck_every=recheck_every)
+    calls = count_checks(monkeypatch)
+    checked = []
+    for step in range(8):
+        with engine.record([3, 3]):
+            out = model(torch.randn(6, 5, dtype=torch.float64))
+        before = len(calls)
+        assert_matches_autograd(engine, sliced_losses(out, [3, 3]), list(model.parameters()))
+        if len(calls) > before:
+            checked.append(step)
+    assert checked == checked_steps
+
+
+def test_a_loss_that_starts_mixing_tasks_later_is_caught_and_changes_nothing():
+    # The first step of the pattern is clean and confirmed; from step 5 the loss reads a
+    # statistic over the whole batch. The re-check (every 4 steps here) catches it at step 8.
+    model = mlp()
+    engine = gs.BatchPartitionEngine(model, recheck_every=4)
+    optimizer = gs.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), engine=engine)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for step in range(9):
+        with engine.record([3, 3]):
+            out = model(x)
+        centre = out.mean() if step >= 5 else out[:3].mean().detach()
+        losses = [(out[:3] - centre).pow(2).mean(), (out[3:] - centre).pow(2).mean()]
+        optimizer.zero_grad()
+        if step < 8:
+            optimizer.pc_backward(losses)
+            optimizer.step()
+            continue
+        before = snapshot(model, optimizer)  # the generator's state too
+        with pytest.raises(RuntimeError, match="mixes samples"):
+            optimizer.pc_backward(losses)
+        assert_same_snapshot(before, snapshot(model, optimizer))
+
+
+def test_a_nonfinite_recheck_step_is_checked_again_at_the_next_step(monkeypatch):
+    model = mlp()
+    engine = gs.BatchPartitionEngine(model, recheck_every=2)
+    calls = count_checks(monkeypatch)
+    for scale in (1.0, 1.0, float("nan"), 1.0, 1.0):  # checks: first, NaN recheck, its retry
+        with engine.record([3, 3]):
+            out = model(torch.randn(6, 5, dtype=torch.float64))
+        engine.jacobian([out[:3].sum() * scale, out[3:].sum()], list(model.parameters()))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("recheck_every", [0, -1, True, 2.0, "100"])
+def test_recheck_every_takes_a_positive_whole_number_or_none(recheck_every):
+    with pytest.raises(ValueError, match="recheck_every must be a positive whole number"):
+        gs.BatchPartitionEngine(mlp(), recheck_every=recheck_every)
 
 
 def test_verify_takes_only_known_values():

@@ -68,9 +68,9 @@ class PlanCache:
         self.trust_ambiguous = trust_ambiguous  # the engine checks such plans against autograd
         self._plans: dict[tuple, Plan] = {}
         self._buffers: dict[tuple, Buffer] = {}
-        # (plan id, sole attribution) pairs checked against autograd (cleared with the plans:
-        # ids stay theirs)
-        self.verified: set[tuple[int, tuple[tuple[int, int], ...]]] = set()
+        # (plan id, sole attribution) pairs checked against autograd, and the steps of each
+        # since its last check (cleared with the plans: ids stay theirs)
+        self.verified: dict[tuple[int, tuple[tuple[int, int], ...]], int] = {}
         # ids of the plans whose graph walk found no parameter one task alone reaches: they
         # stop walking (a walk costs about one autograd call's; skipping it is always safe)
         self.without_sole: set[int] = set()
@@ -78,7 +78,7 @@ class PlanCache:
     def __getstate__(self) -> dict:
         """A copy starts with no plans: they are keyed by the ids of the parameters."""
         state = self.__dict__.copy()
-        state.update(_plans={}, _buffers={}, verified=set(), without_sole=set())
+        state.update(_plans={}, _buffers={}, verified={}, without_sole=set())
         return state
 
     def plan(
@@ -105,6 +105,17 @@ class PlanCache:
                 params, sizes, calls, slow, owned, self.factored, self.trust_ambiguous
             )
         return key, plan
+
+    def check_due(self, pattern: tuple, every: int | None) -> bool:
+        """Whether ``pattern``'s step is checked: never checked yet (or its check could not
+        judge), or ``every`` steps since its last check; counts the step otherwise."""
+        since = self.verified.get(pattern)
+        if since is None:
+            return True
+        if every is None:
+            return False
+        since = self.verified[pattern] = since + 1
+        return since >= every
 
     def buffer(self, key: tuple, plan: Plan, like: Tensor, num_tasks: int, reuse: bool) -> Buffer:
         """The matrix to fill: the pattern's last one under ``reuse``, else a fresh one."""
