@@ -310,11 +310,14 @@ def cost_section(finished: dict[str, list[Run]]) -> list[str]:
         "",
         "## Cost",
         "",
-        "From each run's `summary.json` (means over the seeds that have it): the wall time "
-        "of one gradient update (sampling, TD losses, the method's backward and the optimizer "
-        "step), environment steps per second over the whole run (acting, updates and "
-        "evaluations), and the wall time of a run. Runs share their machine with other work, "
-        "so these say which methods cost more, not how fast a quiet machine is.",
+        "From each run's `summary.json` (the mean over the seeds that have it, and the "
+        "smallest and largest): the wall time of one gradient update (sampling, TD losses, the "
+        "method's backward and the optimizer step), environment steps per second over the "
+        "whole run (acting, updates and evaluations), and the wall time of a run. Runs share "
+        "their machine with other work, and runs made on machines of different speed differ "
+        "by more than the methods do: these times compare methods only among runs of one "
+        "machine. `benchmarks/` measures each method's step against a plain one, interleaved "
+        "in one process.",
         "",
         "| configuration | ms per update | env steps/s | run wall time (min) |",
         "|---|---|---|---|",
@@ -324,6 +327,8 @@ def cost_section(finished: dict[str, list[Run]]) -> list[str]:
         for key, scale in (("ms_per_update", 1.0), ("env_steps_per_s", 1.0), ("wall_time_s", 60)):
             values = [r.summary[key] / scale for r in rs if key in r.summary]
             text = "n/a" if not values else f"{np.mean(values):.1f}"
+            if len(values) > 1 and min(values) != max(values):
+                text += f" ({min(values):.1f}-{max(values):.1f})"
             if values and len(values) < len(rs):
                 text += f" ({len(values)} of {len(rs)} runs)"
             cells.append(text)
