@@ -550,14 +550,14 @@ def run_many(
             total=len(configs), desc="runs", position=0, dynamic_ncols=True, disable=not progress
         )
         while pending:
+            # After a stop the workers skip the queued runs (they return None). Cancelling
+            # those futures instead would hang a second Ctrl-C: CPython 3.11's pool, when its
+            # workers are killed, dies on a cancelled future and never completes the others.
             done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            if stop:
-                for future in pending:
-                    future.cancel()  # not started yet: stays so
             for future in done:
                 cfg = pending.pop(future)
-                error = None if future.cancelled() else future.exception()
-                if future.cancelled() or (error is None and future.result() is None):
+                error = future.exception()
+                if error is None and future.result() is None:
                     outcome.not_started.append(cfg)
                 elif isinstance(error, Stopped):
                     outcome.stopped.append(str(error))

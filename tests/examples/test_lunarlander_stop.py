@@ -184,3 +184,47 @@ def test_the_resume_command_names_the_script_as_it_was_run(monkeypatch):
     assert train.resume_command(["--seed", "0", "--resume"]) == (
         "python examples/lunarlander_mtl/train.py --seed 0 --resume"
     )
+
+
+def test_a_stop_cancels_no_queued_run(tmp_path, monkeypatch):
+    """A stop leaves the queued runs to the workers, which skip them, and cancels no future.
+
+    When its workers are killed (a second Ctrl-C), CPython 3.11's process pool sets an
+    exception on every queued future and dies on one that was cancelled (InvalidStateError):
+    the remaining futures then never complete and the study waits forever.
+    """
+    import concurrent.futures
+    import threading
+
+    cancelled = []
+    real_cancel = concurrent.futures.Future.cancel
+
+    def cancel(future):
+        if real_cancel(future):
+            cancelled.append(future)
+            return True
+        return False
+
+    monkeypatch.setattr(concurrent.futures.Future, "cancel", cancel)
+    names = ("shared-aware", "shared-blind", "pcgrad-blind", "pcgrad-aware", "gradnorm-blind")
+    configs = [
+        make_config(
+            name, seed=0, runs_dir=str(tmp_path), tensorboard=False, progress=False, **SETTINGS
+        )
+        for name in names
+    ]
+
+    def stop_when_training() -> None:
+        deadline = time.monotonic() + 240
+        while rows(configs[0].run_dir) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by run_many's handler in this process
+
+    watcher = threading.Thread(target=stop_when_training, daemon=True)
+    watcher.start()
+    outcome = train.run_many(configs, workers=1, resume=False, overwrite=False, progress=False)
+    watcher.join()
+    assert outcome.stop_reason == "SIGTERM"
+    assert len(outcome.stopped) == 1
+    assert sorted(cfg.config_name for cfg in outcome.not_started) == sorted(names[1:])
+    assert cancelled == []
