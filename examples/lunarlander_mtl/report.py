@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
-from config import BASELINE, STUDY_CONFIGS
+from config import BASELINE, STUDY_CONFIGS, Config
 from envs import TASK_NAMES
 from evaluate import SUCCESS_RETURN
 from ranking import FULL_SEEDS, iqm, ranking_table
@@ -432,29 +432,52 @@ def reference_comparison(finished: dict[str, list[Run]], averages: dict[str, np.
 # --- plots --------------------------------------------------------------------------------
 
 
-def plot_band(ax, x, curves, label, **kwargs):
+def plot_band(ax, x, curves, label, **kwargs) -> np.ndarray:
+    """The mean over seeds with its 95% bootstrap band; returns the mean."""
     mean, lo, hi = curve_band(curves)
     (line,) = ax.plot(x, mean, label=label, **kwargs)
     ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    return mean
+
+
+# The lowest return the curve figures show: below it the axis would be a random policy's and
+# worse, and a single collapsed configuration would set the scale of every panel.
+AXIS_FLOOR = -400.0
 
 
 # The learning-curve figures have one row of panels per family of methods, each against the
-# two baselines: with every configuration in one panel no line could be followed.
+# two baselines: with every configuration in one panel no line could be followed. The
+# configurations that change a setting rather than the method (of the DQN, or of a reference
+# method) answer another question than the method comparison and get rows of their own.
 BASELINES = ("shared-blind", BASELINE)
+REFERENCE_METHODS = "the reference's methods"
+METHOD_SETTINGS = "settings of the reference's methods"
+DQN_SETTINGS = "DQN settings"  # target network, loss, update schedule
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "DQN variants (mean of the losses)": ("mean",),
+    REFERENCE_METHODS: ("pcgrad", "gradnorm"),  # and the BRC network
     "loss weighting": ("uw", "imtll", "dwa", "rlw", "famo", "gls", "stch", "linearscalarization"),
-    "gradient balancing": ("gradnorm", "imtlg", "alignedmtl", "dbmtl"),
+    "gradient balancing": ("imtlg", "alignedmtl", "dbmtl"),
     "multiple-gradient descent": ("mgda", "cagrad", "nashmtl", "fairgrad"),
     "conflict removal (surgery, dual cones)": (
-        "pcgrad",
         "gradvac",
         "graddrop",
         "upgrad",
         "dualproj",
         "config",
     ),
+    METHOD_SETTINGS: (),
+    DQN_SETTINGS: (),
 }
+# Config fields whose change puts a configuration in one of the two settings rows.
+DQN_SETTING_FIELDS = (
+    "loss",
+    "double_dqn",
+    "update_every",
+    "target_update",
+    "target_update_every",
+    "target_tau",
+)
+METHOD_SETTING_FIELDS = ("gradnorm_alpha", "pcgrad_reduction", "surgery_on_embedding")
 BASELINE_STYLES = {
     "shared-blind": dict(color="black", linestyle="-"),
     BASELINE: dict(color="dimgray", linestyle="--"),
@@ -462,6 +485,18 @@ BASELINE_STYLES = {
 
 
 def family_of(run: Run) -> str:
+    """The row of the learning-curve figures that shows ``run``'s configuration."""
+    defaults = Config()
+
+    def changed(fields: tuple[str, ...]) -> bool:  # a field a run predates has its default
+        return any(run.config.get(f, getattr(defaults, f)) != getattr(defaults, f) for f in fields)
+
+    if changed(DQN_SETTING_FIELDS):
+        return DQN_SETTINGS
+    if changed(METHOD_SETTING_FIELDS):
+        return METHOD_SETTINGS
+    if run.config.get("network") == "brc":
+        return REFERENCE_METHODS
     method = run.config.get("method", "mean")
     return next((f for f, methods in FAMILIES.items() if method in methods), "other methods")
 
@@ -554,7 +589,8 @@ def plot_family_grid(
         sharey=True,
         squeeze=False,
     )
-    for row, (family, names) in zip(axes, groups.items(), strict=True):
+    lowest: dict[tuple[int, int], list[tuple[str, float]]] = {}  # panel -> (name, min of mean)
+    for r, (row, (family, names)) in enumerate(zip(axes, groups.items(), strict=True)):
         shown = [(b, BASELINE_STYLES[b]) for b in BASELINES if b in runs]
         shown += [(name, dict(color=colours[name])) for name in names]
         for name, style in shown:
@@ -562,14 +598,28 @@ def plot_family_grid(
                 continue
             x, per_task = curves[name]
             panels = [*per_task, np.mean(per_task, axis=0)][: len(columns)]
-            for ax, panel in zip(row, panels, strict=True):
-                plot_band(ax, x, panel, name, **style)
+            for c, (ax, panel) in enumerate(zip(row, panels, strict=True)):
+                mean = plot_band(ax, x, panel, name, **style)
+                lowest.setdefault((r, c), []).append((name, float(np.nanmin(mean))))
         for ax, title in zip(row, columns, strict=True):
             ax.set_title(f"{family}: {title}", fontsize=9)
             ax.axhline(SUCCESS_RETURN, color="gray", linestyle=":", linewidth=1)
             ax.grid(alpha=0.3)
         row[0].set_ylabel(ylabel)
         row[-1].legend(fontsize=7, loc="lower right")
+    # One collapsed run (a seed whose mean curve dips to -600) would squeeze every panel of
+    # the shared axis into a band: the axis stops at AXIS_FLOOR and names what it cuts off.
+    means = [value for panel in lowest.values() for _, value in panel]
+    if means:
+        bottom = max(min(means), AXIS_FLOOR) - 25
+        axes[0][0].set_ylim(bottom, None)
+        for (r, c), panel in lowest.items():
+            cut = [f"{name} (to {value:.0f})" for name, value in panel if value < bottom]
+            if cut:
+                axes[r][c].text(
+                    0.02, 0.02, "below the axis: " + ", ".join(cut),
+                    transform=axes[r][c].transAxes, fontsize=6, va="bottom",
+                )  # fmt: skip
     for ax in axes[-1]:
         ax.set_xlabel(xlabel)
     fig.tight_layout()

@@ -140,3 +140,50 @@ def test_learning_curves_have_a_row_per_family(synthetic_runs, tmp_path):
     assert len({tuple(c) for c in colours}) == 40
     report.write_report(synthetic_runs, tmp_path / "out")
     assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
+
+
+def test_configurations_that_change_a_setting_get_rows_of_their_own(tmp_path):
+    """A DQN setting (the soft target update) or a reference method's setting (GradNorm's
+    alpha) puts a configuration in its own row, apart from the method comparison; BRC, PCGrad
+    and GradNorm as the reference ran them share one."""
+    names = [
+        "shared-blind", "shared-aware", "brc", "pcgrad-blind", "gradnorm-aware",
+        "gradnorm-blind-soft", "shared-aware-ddqn-huber", "gradnorm-blind-alpha0.5",
+        "pcgrad-blind-sum", "cagrad-blind", "imtlg-blind",
+    ]  # fmt: skip
+    for name in names:
+        write_run(tmp_path, name, 0, [100.0, 100.0, 100.0], ms_per_update=1.0)
+    rows = report.families(report.load_runs(tmp_path))
+    assert {family: sorted(names) for family, names in rows.items()} == {
+        report.REFERENCE_METHODS: ["brc", "gradnorm-aware", "pcgrad-blind"],
+        "gradient balancing": ["imtlg-blind"],
+        "multiple-gradient descent": ["cagrad-blind"],
+        report.METHOD_SETTINGS: ["gradnorm-blind-alpha0.5", "pcgrad-blind-sum"],
+        report.DQN_SETTINGS: ["gradnorm-blind-soft", "shared-aware-ddqn-huber"],
+    }
+
+
+def test_a_collapsed_curve_does_not_set_the_scale_of_every_panel(tmp_path, monkeypatch):
+    """The shared axis stops at AXIS_FLOOR and each panel names the curves it cuts off."""
+    write_run(tmp_path, "shared-aware", 0, [150.0, 140.0, 130.0], ms_per_update=1.0)
+    write_run(tmp_path, "dwa-blind", 0, [-2000.0, 100.0, 100.0], ms_per_update=1.0)
+    axes_made = []
+    subplots = report.plt.subplots
+
+    def keep_axes(*args, **kwargs):
+        fig, axes = subplots(*args, **kwargs)
+        axes_made.append(axes)
+        return fig, axes
+
+    monkeypatch.setattr(report.plt, "subplots", keep_axes)
+    report.plot_learning_curves(report.load_runs(tmp_path), tmp_path / "curves.png")
+    (axes,) = axes_made
+    assert axes[0][0].get_ylim()[0] == report.AXIS_FLOOR - 25
+    notes = [[t.get_text() for t in ax.texts] for ax in axes[0]]
+    # standard: -2000 (periodic -2100); the 3-task average: (-2100 + 0 + 0) / 3 = -700.
+    assert notes == [
+        ["below the axis: dwa-blind (to -2100)"],
+        [],
+        [],
+        ["below the axis: dwa-blind (to -700)"],
+    ]
