@@ -644,9 +644,9 @@ def plot_training_curves(runs: dict[str, list[Run]], path: Path, window: int = 2
         runs,
         path,
         lambda rs: train_curves(rs, window),
-        [f"{task} (training, {window}-episode mean)" for task in TASK_NAMES],
+        list(TASK_NAMES),
         "training episode of the task",
-        "episode return",
+        f"training return ({window}-episode mean)",
     )
 
 
