@@ -249,6 +249,7 @@ def results_markdown(runs: dict[str, list[Run]]) -> str:
 
     lines += ranking_section(finished)
     lines += cost_section(finished)
+    lines += weights_section(finished)
     lines += per_seed_table(finished)
     lines += reference_comparison(finished, averages)
 
@@ -336,6 +337,52 @@ def cost_section(finished: dict[str, list[Run]]) -> list[str]:
     if all("ms_per_update" not in r.summary for rs in finished.values() for r in rs):
         lines += ["", "No run here timed its updates (runs made before `ms_per_update` existed)."]
     return lines
+
+
+def weight_shares(run: Run) -> np.ndarray | None:
+    """``[tasks]``: each task's share of the summed task weights, per training episode (the
+    mean of its updates' weights), averaged over the episodes; ``None`` if none was logged."""
+    columns = [f"weight_{t}" for t in TASK_NAMES]
+    if any(c not in run.episodes for c in columns):
+        return None
+    weights = np.stack([run.episodes[c] for c in columns], axis=1).astype(float)
+    weights = weights[np.isfinite(weights).all(axis=1)]
+    totals = weights.sum(axis=1, keepdims=True)
+    weights = weights[(totals != 0).ravel()]
+    if len(weights) == 0:
+        return None
+    return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+
+
+def weights_section(finished: dict[str, list[Run]]) -> list[str]:
+    """How each method that reports task weights shared them among the tasks over training."""
+    rows = []
+    for name, rs in finished.items():
+        shares = [s for s in map(weight_shares, rs) if s is not None]
+        if not shares:
+            continue
+        shares = np.stack(shares)
+        cells = [
+            f"{shares[:, t].mean():.2f} ({shares[:, t].min():.2f}-{shares[:, t].max():.2f})"
+            for t in range(len(TASK_NAMES))
+        ]
+        rows.append(f"| {name} | {len(shares)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Task weights",
+        "",
+        "The share of each task in the sum of the task weights a method gave (the weights of "
+        "the losses, or of the per-task gradients), per training episode as the mean over its "
+        "updates, then averaged over the episodes of the run: the mean over the seeds, and the "
+        "smallest and largest. Equal weights give 0.33 each; a method whose weights have no "
+        "common scale (Nash-MTL's) is compared by its shares.",
+        "",
+        "| configuration | seeds | " + " | ".join(f"share {t}" for t in TASK_NAMES) + " |",
+        "|---|---|" + "---|" * len(TASK_NAMES),
+        *rows,
+    ]
 
 
 def per_seed_table(finished: dict[str, list[Run]]) -> list[str]:

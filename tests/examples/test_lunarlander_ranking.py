@@ -187,3 +187,29 @@ def test_a_collapsed_curve_does_not_set_the_scale_of_every_panel(tmp_path, monke
         [],
         ["below the axis: dwa-blind (to -700)"],
     ]
+
+
+def test_task_weights_are_each_tasks_share_of_the_weights(tmp_path):
+    """Shares per episode (rows without weights, before the first update, left out), averaged
+    over the episodes, then over the seeds with their range; no section without weights."""
+    for seed, weights in enumerate(([2.0, 1.0, 1.0], [0.2, 0.2, 0.6])):
+        write_run(tmp_path, "dwa-blind", seed, [100.0, 100.0, 100.0], ms_per_update=1.0)
+        path = tmp_path / "dwa-blind" / f"seed-{seed}" / "episodes.csv"
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for i, row in enumerate(rows):
+            if i:  # the first row has no update, hence no weights
+                columns = ["weight_standard", "weight_windy", "weight_heavy"]
+                row.update(zip(columns, weights, strict=True))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, train.EPISODE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    write_run(tmp_path, "shared-aware", 0, [150.0, 140.0, 130.0], ms_per_update=1.0)
+    runs = report.load_runs(tmp_path)
+    assert report.weight_shares(runs["shared-aware"][0]) is None
+    section = "\n".join(report.weights_section(runs))
+    # Seed 0: 0.5 / 0.25 / 0.25; seed 1: 0.2 / 0.2 / 0.6.
+    assert "| dwa-blind | 2 | 0.35 (0.20-0.50) | 0.23 (0.20-0.25) | 0.42 (0.25-0.60) |" in section
+    assert "shared-aware |" not in section
+    assert report.weights_section({"shared-aware": runs["shared-aware"]}) == []
