@@ -191,7 +191,8 @@ def test_a_collapsed_curve_does_not_set_the_scale_of_every_panel(tmp_path, monke
 
 def test_task_weights_are_each_tasks_share_of_the_weights(tmp_path):
     """Shares per episode (rows without weights, before the first update, left out), averaged
-    over the episodes, then over the seeds with their range; no section without weights."""
+    over the episodes, then over the seeds with their range; the TD losses likewise; no section
+    without either."""
     for seed, weights in enumerate(([2.0, 1.0, 1.0], [0.2, 0.2, 0.6])):
         write_run(tmp_path, "dwa-blind", seed, [100.0, 100.0, 100.0], ms_per_update=1.0)
         path = tmp_path / "dwa-blind" / f"seed-{seed}" / "episodes.csv"
@@ -201,6 +202,8 @@ def test_task_weights_are_each_tasks_share_of_the_weights(tmp_path):
             if i:  # the first row has no update, hence no weights
                 columns = ["weight_standard", "weight_windy", "weight_heavy"]
                 row.update(zip(columns, weights, strict=True))
+                losses = [1.0, 2.0, 3.0] if seed == 0 else [3.0, 2.0, 1.0]
+                row.update(zip(["loss_standard", "loss_windy", "loss_heavy"], losses, strict=True))
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, train.EPISODE_COLUMNS)
             writer.writeheader()
@@ -211,5 +214,7 @@ def test_task_weights_are_each_tasks_share_of_the_weights(tmp_path):
     section = "\n".join(report.weights_section(runs))
     # Seed 0: 0.5 / 0.25 / 0.25; seed 1: 0.2 / 0.2 / 0.6.
     assert "| dwa-blind | 2 | 0.35 (0.20-0.50) | 0.23 (0.20-0.25) | 0.42 (0.25-0.60) |" in section
-    assert "shared-aware |" not in section
+    # The TD losses, per task: the mean over episodes, then over the seeds with the range.
+    assert "| dwa-blind | 2 | 2.00 (1.00-3.00) | 2.00 (2.00-2.00) | 2.00 (1.00-3.00) |" in section
+    assert "shared-aware |" not in section  # neither weights nor losses logged
     assert report.weights_section({"shared-aware": runs["shared-aware"]}) == []
