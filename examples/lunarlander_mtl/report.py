@@ -339,80 +339,83 @@ def cost_section(finished: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def per_task_columns(run: Run, prefix: str) -> np.ndarray | None:
+    """``[episodes, tasks]``: a run's ``<prefix><task>`` columns, the episodes with a value
+    missing (before the first update) left out; ``None`` if the run has no such columns."""
+    columns = [f"{prefix}{t}" for t in TASK_NAMES]
+    if any(c not in run.episodes for c in columns):
+        return None
+    values = np.stack([run.episodes[c] for c in columns], axis=1).astype(float)
+    return values[np.isfinite(values).all(axis=1)]
+
+
 def weight_shares(run: Run) -> np.ndarray | None:
     """``[tasks]``: each task's share of the summed task weights, per training episode (the
     mean of its updates' weights), averaged over the episodes; ``None`` if none was logged."""
-    columns = [f"weight_{t}" for t in TASK_NAMES]
-    if any(c not in run.episodes for c in columns):
+    weights = per_task_columns(run, "weight_")
+    if weights is None:
         return None
-    weights = np.stack([run.episodes[c] for c in columns], axis=1).astype(float)
-    weights = weights[np.isfinite(weights).all(axis=1)]
-    totals = weights.sum(axis=1, keepdims=True)
-    weights = weights[(totals != 0).ravel()]
-    if len(weights) == 0:
-        return None
-    return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+    weights = weights[weights.sum(axis=1) != 0]
+    return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0) if len(weights) else None
 
 
 def mean_losses(run: Run) -> np.ndarray | None:
     """``[tasks]``: each task's TD loss, the mean over the training episodes with updates."""
-    columns = [f"loss_{t}" for t in TASK_NAMES]
-    if any(c not in run.episodes for c in columns):
-        return None
-    losses = np.stack([run.episodes[c] for c in columns], axis=1).astype(float)
-    losses = losses[np.isfinite(losses).all(axis=1)]
-    return losses.mean(axis=0) if len(losses) else None
+    losses = per_task_columns(run, "loss_")
+    return losses.mean(axis=0) if losses is not None and len(losses) else None
 
 
 def weights_section(finished: dict[str, list[Run]]) -> list[str]:
     """How each method that reports task weights shared them among the tasks over training,
     and every configuration's TD loss per task."""
-    weight_rows, loss_rows = [], []
-    for name, rs in finished.items():
-        shares = [s for s in map(weight_shares, rs) if s is not None]
-        if shares:
-            weight_rows.append(f"| {name} | {len(shares)} | " + _mean_and_range(shares) + " |")
-        losses = [x for x in map(mean_losses, rs) if x is not None]
-        if losses:
-            loss_rows.append(f"| {name} | {len(losses)} | " + _mean_and_range(losses) + " |")
-    lines: list[str] = []
-    if weight_rows:
-        lines += [
-            "",
-            "## Task weights",
-            "",
-            "The share of each task in the sum of the task weights a method gave (the weights "
-            "of the losses, or of the per-task gradients), per training episode as the mean "
-            "over its updates, then averaged over the episodes of the run: the mean over the "
-            "seeds, and the smallest and largest. Equal weights give 0.33 each; a method whose "
-            "weights have no common scale (Nash-MTL's) is compared by its shares.",
-            "",
-            "| configuration | seeds | " + " | ".join(f"share {t}" for t in TASK_NAMES) + " |",
-            "|---|---|" + "---|" * len(TASK_NAMES),
-            *weight_rows,
-        ]
-    if loss_rows:
-        lines += [
-            "",
-            "The TD loss of each task, unweighted, as the mean over a run's training episodes "
-            "(each the mean of its updates): the mean over the seeds, and the smallest and "
-            "largest. The losses depend on the data each policy collects, so they compare "
-            "tasks within a configuration better than configurations.",
-            "",
-            "| configuration | seeds | " + " | ".join(f"TD loss {t}" for t in TASK_NAMES) + " |",
-            "|---|---|" + "---|" * len(TASK_NAMES),
-            *loss_rows,
-        ]
-    return lines
-
-
-def _mean_and_range(per_seed: list[np.ndarray]) -> str:
-    """Table cells: per task, the mean over the seeds (smallest-largest)."""
-    values = np.stack(per_seed)
-    return " | ".join(
-        f"{values[:, t].mean():.2f} ({values[:, t].min():.2f}-{values[:, t].max():.2f})"
-        for t in range(values.shape[1])
+    shares_text = (
+        "The share of each task in the sum of the task weights a method gave (the weights of "
+        "the losses, or of the per-task gradients), per training episode as the mean over its "
+        "updates, then averaged over the episodes of the run: the mean over the seeds, and the "
+        "smallest and largest. Equal weights give 0.33 each; a method whose weights have no "
+        "common scale (Nash-MTL's) is compared by its shares."
     )
+    losses_text = (
+        "The TD loss of each task, unweighted, as the mean over a run's training episodes (each "
+        "the mean of its updates): the mean over the seeds, and the smallest and largest. The "
+        "losses depend on the data each policy collects, so they compare tasks within a "
+        "configuration better than configurations."
+    )
+    shares = per_task_table(finished, weight_shares, shares_text, "share")
+    losses = per_task_table(finished, mean_losses, losses_text, "TD loss")
+    if not shares and not losses:
+        return []
+    return ["", "## Task weights", *shares, *losses]
+
+
+def per_task_table(
+    finished: dict[str, list[Run]],
+    per_run: Callable[[Run], np.ndarray | None],
+    text: str,
+    column: str,
+) -> list[str]:
+    """A table of ``per_run``'s ``[tasks]`` values: per configuration, the mean over its seeds
+    (smallest-largest); no table if no run has them."""
+    rows = []
+    for name, rs in finished.items():
+        values = [v for v in map(per_run, rs) if v is not None]
+        if values:
+            values = np.stack(values)
+            cells = [
+                f"{values[:, t].mean():.2f} ({values[:, t].min():.2f}-{values[:, t].max():.2f})"
+                for t in range(values.shape[1])
+            ]
+            rows.append(f"| {name} | {len(values)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        text,
+        "",
+        "| configuration | seeds | " + " | ".join(f"{column} {t}" for t in TASK_NAMES) + " |",
+        "|---|---|" + "---|" * len(TASK_NAMES),
+        *rows,
+    ]
 
 
 def per_seed_table(finished: dict[str, list[Run]]) -> list[str]:
