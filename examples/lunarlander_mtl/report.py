@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
-from config import BASELINE, STUDY_CONFIGS, Config
+from config import BASELINE, CONFIGS, STUDY_CONFIGS, Config
 from envs import TASK_NAMES
 from evaluate import SUCCESS_RETURN
 from ranking import FULL_SEEDS, iqm, ranking_table
@@ -567,9 +567,12 @@ BASELINE_STYLES = {
 def family_of(run: Run) -> str:
     """The row of the learning-curve figures that shows ``run``'s configuration."""
     defaults = Config()
+    # A named configuration's own settings decide, not overrides of a whole study (`--quick`
+    # shortens the target update's period for every configuration); an unknown name, its run's.
+    settings = CONFIGS.get(run.config_name, run.config)
 
     def changed(fields: tuple[str, ...]) -> bool:  # a field a run predates has its default
-        return any(run.config.get(f, getattr(defaults, f)) != getattr(defaults, f) for f in fields)
+        return any(settings.get(f, getattr(defaults, f)) != getattr(defaults, f) for f in fields)
 
     if changed(DQN_SETTING_FIELDS):
         return DQN_SETTINGS
@@ -689,17 +692,20 @@ def plot_family_grid(
         row[-1].legend(fontsize=7, loc="lower right")
     # One collapsed run (a seed whose mean curve dips to -600) would squeeze every panel of
     # the shared axis into a band: the axis stops at AXIS_FLOOR and names what it cuts off.
-    means = [value for panel in lowest.values() for _, value in panel]
+    # The floor never cuts more than a quarter of the curves: where most dip below it (short
+    # runs), the axis follows them.
+    means = sorted(value for panel in lowest.values() for _, value in panel)
     if means:
-        bottom = max(min(means), AXIS_FLOOR) - 25
+        bottom = max(means[0], min(AXIS_FLOOR, means[len(means) // 4])) - 25
         axes[0][0].set_ylim(bottom, None)
         for (r, c), panel in lowest.items():
             cut = [f"{name} (to {value:.0f})" for name, value in panel if value < bottom]
             if cut:
-                axes[r][c].text(
-                    0.02, 0.02, "below the axis: " + ", ".join(cut),
+                note = axes[r][c].text(
+                    0.02, 0.02, "below the axis:\n" + "\n".join(cut),
                     transform=axes[r][c].transAxes, fontsize=6, va="bottom",
                 )  # fmt: skip
+                note.set_in_layout(False)
     for ax in axes[-1]:
         ax.set_xlabel(xlabel)
     fig.tight_layout()

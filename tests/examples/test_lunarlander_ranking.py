@@ -63,8 +63,8 @@ SCORES = {
 }
 
 
-def write_run(runs_dir, name, seed, returns, ms_per_update):
-    cfg = make_config(name, seed=seed, runs_dir=str(runs_dir))
+def write_run(runs_dir, name, seed, returns, ms_per_update, **overrides):
+    cfg = make_config(name, seed=seed, runs_dir=str(runs_dir), **overrides)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(cfg.to_json())
@@ -153,11 +153,14 @@ def test_configurations_that_change_a_setting_get_rows_of_their_own(tmp_path):
     ]  # fmt: skip
     for name in names:
         write_run(tmp_path, name, 0, [100.0, 100.0, 100.0], ms_per_update=1.0)
+    # An override of a whole study (`--quick` shortens the target update's period) moves no
+    # configuration out of its row.
+    write_run(tmp_path, "mgda-blind", 0, [100.0] * 3, ms_per_update=1.0, target_update_every=3)
     rows = report.families(report.load_runs(tmp_path))
     assert {family: sorted(names) for family, names in rows.items()} == {
         report.REFERENCE_METHODS: ["brc", "gradnorm-aware", "pcgrad-blind"],
         "gradient balancing": ["imtlg-blind"],
-        "multiple-gradient descent": ["cagrad-blind"],
+        "multiple-gradient descent": ["cagrad-blind", "mgda-blind"],
         report.METHOD_SETTINGS: ["gradnorm-blind-alpha0.5", "pcgrad-blind-sum"],
         report.DQN_SETTINGS: ["gradnorm-blind-soft", "shared-aware-ddqn-huber"],
     }
@@ -182,10 +185,10 @@ def test_a_collapsed_curve_does_not_set_the_scale_of_every_panel(tmp_path, monke
     notes = [[t.get_text() for t in ax.texts] for ax in axes[0]]
     # standard: -2000 (periodic -2100); the 3-task average: (-2100 + 0 + 0) / 3 = -700.
     assert notes == [
-        ["below the axis: dwa-blind (to -2100)"],
+        ["below the axis:\ndwa-blind (to -2100)"],
         [],
         [],
-        ["below the axis: dwa-blind (to -700)"],
+        ["below the axis:\ndwa-blind (to -700)"],
     ]
 
 
