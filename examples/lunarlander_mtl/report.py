@@ -691,9 +691,8 @@ def plot_family_grid(
         row[0].set_ylabel(ylabel)
         row[-1].legend(fontsize=7, loc="lower right")
     # One collapsed run (a seed whose mean curve dips to -600) would squeeze every panel of
-    # the shared axis into a band: the axis stops at AXIS_FLOOR and names what it cuts off.
-    # The floor never cuts more than a quarter of the curves: where most dip below it (short
-    # runs), the axis follows them.
+    # the shared axis into a band: the axis stops at AXIS_FLOOR and names what it cuts off,
+    # but never cuts more than a quarter of the curves (short runs all dip below it).
     means = sorted(value for panel in lowest.values() for _, value in panel)
     if means:
         bottom = max(means[0], min(AXIS_FLOOR, means[len(means) // 4])) - 25
